@@ -1,0 +1,32 @@
+//! The errors tollgate itself produces.
+
+/// An error made by a tollgate layer rather than by the inner service.
+///
+/// Services in this crate return [`tower::BoxError`], as tower's own
+/// middleware does; an error of ours is found with
+/// `err.downcast_ref::<tollgate::Error>()`. Errors of the inner service are
+/// passed through unchanged inside the box.
+///
+/// More variants arrive with the rate-limit and concurrency layers, so the
+/// enum is `#[non_exhaustive]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value makes no sense (a zero rate, `min > max`, ...).
+    #[error("invalid {setting} configuration: {reason}")]
+    InvalidConfig {
+        /// Which setting is wrong (e.g. `"backoff"`).
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn invalid_config(setting: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            setting,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Tower layers that keep HTTP clients from throttling themselves, and
+//! their servers, to death.
+//!
+//! A server that is overloaded answers `429 Too Many Requests` (or `503`)
+//! with `Retry-After`. When every caller retries on its own schedule, the
+//! retries arrive together and earn more 429s until the batch is "throttled
+//! to death". tollgate brings the knobs that Logic Apps and Power Automate
+//! use against that to any `tower::Service` HTTP client:
+//!
+//! - [`retry`]: exponential (or fixed) [`Backoff`] with [`Jitter`] that
+//!   waits the **larger** of its own delay and the server's `Retry-After`
+//!   (delay-seconds, HTTP-date, or the millisecond headers Azure sends), and
+//!   caps what a server may ask for.
+//! - [`testing`]: a scripted mock server that records when each attempt
+//!   arrived, to unit-test a backoff in virtual time.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tollgate::testing::{Reply, Script};
+//! use tollgate::{Backoff, RetryLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! // Stand-in for a real client (hyper-util, reqwest, ...): a server that
+//! // throttles once, asking for 30 s.
+//! let server = Script::new()
+//!     .reply(Reply::status(429).retry_after(Duration::from_secs(30)))
+//!     .reply(200);
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(Backoff::power_automate()))
+//!     .service(server.service());
+//!
+//! let started = tokio::time::Instant::now();
+//! let response = client.oneshot(http::Request::new(())).await?;
+//! assert_eq!(response.status(), 200);
+//! // Power Automate's first retry waits 5-7.5 s; the server asked for 30.
+//! assert_eq!(started.elapsed(), Duration::from_secs(30));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors of tollgate's own are [`Error`]; services return
+//! [`tower::BoxError`], from which `downcast_ref::<tollgate::Error>()`
+//! recovers them.
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    unreachable_pub,
+    rust_2018_idioms,
+    missing_debug_implementations
+)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod error;
+pub mod retry;
+pub mod testing;
+
+pub use error::Error;
+pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};

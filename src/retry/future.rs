@@ -1,0 +1,231 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::{sleep, Instant, Sleep};
+use tower::{BoxError, Service};
+
+use super::backoff::Delays;
+use super::replay::try_replay_request;
+use super::service::Shared;
+use super::{retry_after, Classify, Outcome, ReplayBody};
+
+pin_project! {
+    /// The response future of [`Retry`](super::Retry): a state machine
+    /// through attempts and the sleeps between them.
+    ///
+    /// Cancel-safe: dropping it at any point drops the attempt in flight or
+    /// the sleep, and holds nothing else.
+    pub struct ResponseFuture<S, B, C>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        // A clone of the inner service, polled ready before each retry.
+        service: S,
+        // The copy of the request the next retry sends; `None` once the
+        // body cannot be replayed or no retry is left.
+        replay: Option<Request<B>>,
+        method: Method,
+        delays: Delays,
+        // The attempt in flight, 1 for the first try.
+        attempt: u32,
+        started: Instant,
+        shared: Arc<Shared<C>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // An attempt is in flight.
+        Called { #[pin] future: F },
+        // Waiting out the delay before the next attempt.
+        Sleeping { #[pin] sleep: Sleep },
+        // Waiting for the inner service to be ready for the next attempt.
+        Readying,
+    }
+}
+
+impl<S, B, C> ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>>,
+{
+    pub(super) fn new(
+        first: S::Future,
+        service: S,
+        replay: Option<Request<B>>,
+        method: Method,
+        delays: Delays,
+        shared: Arc<Shared<C>>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Called { future: first },
+            service,
+            replay,
+            method,
+            delays,
+            attempt: 1,
+            started: Instant::now(),
+            shared,
+        }
+    }
+}
+
+/// Why the attempt that just ended will not be retried.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    NotRetryable,
+    NotReplayable,
+    RetriesSpent,
+    RetryAfterTooLong,
+    PastDeadline,
+}
+
+impl<S, B, R, C> Future for ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+    B: ReplayBody,
+    C: Classify,
+{
+    type Output = Result<Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    let config = &this.shared.config;
+                    let outcome = match &result {
+                        Ok(response) => Outcome::Response {
+                            status: response.status(),
+                            headers: response.headers(),
+                        },
+                        Err(error) => Outcome::Error(&**error),
+                    };
+                    let stop = if !config.classify.is_retryable(this.method, &outcome) {
+                        Err(Stop::NotRetryable)
+                    } else if this.replay.is_none() {
+                        Err(if this.delays.len() == 0 {
+                            Stop::RetriesSpent
+                        } else {
+                            Stop::NotReplayable
+                        })
+                    } else {
+                        next_delay(this.delays, &outcome, config.max_retry_after)
+                            .and_then(|delays| within(*this.started, config.deadline, delays))
+                    };
+                    let (delay, policy, server) = match stop {
+                        Ok(delays) => delays,
+                        Err(reason) => {
+                            tracing::debug!(target: "tollgate::retry", attempt = *this.attempt, ?reason, "returning the outcome");
+                            return Poll::Ready(result);
+                        }
+                    };
+                    *this.attempt += 1;
+                    match &outcome {
+                        Outcome::Response { status, .. } => tracing::debug!(
+                            target: "tollgate::retry",
+                            attempt = *this.attempt,
+                            ?delay,
+                            policy_delay = ?policy,
+                            retry_after = ?server,
+                            status = status.as_u16(),
+                            "retrying"
+                        ),
+                        Outcome::Error(error) => tracing::debug!(
+                            target: "tollgate::retry",
+                            attempt = *this.attempt,
+                            ?delay,
+                            policy_delay = ?policy,
+                            error = %error,
+                            "retrying"
+                        ),
+                    }
+                    // Drop the response (and the connection it may hold)
+                    // before sleeping.
+                    drop(result);
+                    if delay.is_zero() {
+                        this.state.set(State::Readying);
+                    } else {
+                        this.state.set(State::Sleeping {
+                            sleep: sleep(delay),
+                        });
+                    }
+                }
+                StateProj::Sleeping { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    ready!(this.service.poll_ready(cx)).map_err(Into::into)?;
+                    let request = this
+                        .replay
+                        .take()
+                        .expect("a retry is scheduled only with a replay copy in hand");
+                    if this.delays.len() > 0 {
+                        *this.replay = try_replay_request(&request);
+                    }
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
+                }
+            }
+        }
+    }
+}
+
+/// `(delay, policy delay, server's Retry-After)` for the next retry.
+type Delay = (Duration, Duration, Option<Duration>);
+
+/// The wait before the next retry: `max(policy, Retry-After)`.
+fn next_delay(
+    delays: &mut Delays,
+    outcome: &Outcome<'_>,
+    max_retry_after: Duration,
+) -> Result<Delay, Stop> {
+    let policy = delays.next().ok_or(Stop::RetriesSpent)?;
+    let server = match outcome {
+        Outcome::Response { headers, .. } => retry_after::parse(headers, SystemTime::now()),
+        Outcome::Error(_) => None,
+    };
+    match server {
+        Some(asked) if asked > max_retry_after => {
+            tracing::debug!(target: "tollgate::retry", retry_after = ?asked, ?max_retry_after, "server asked for longer than max_retry_after");
+            Err(Stop::RetryAfterTooLong)
+        }
+        _ => Ok((policy.max(server.unwrap_or(Duration::ZERO)), policy, server)),
+    }
+}
+
+/// `delays` if the retry after them starts within the deadline.
+fn within(started: Instant, deadline: Option<Duration>, delays: Delay) -> Result<Delay, Stop> {
+    let Some(budget) = deadline else {
+        return Ok(delays);
+    };
+    let retry_at = Instant::now().checked_add(delays.0);
+    match (retry_at, started.checked_add(budget)) {
+        (_, None) => Ok(delays),
+        (Some(at), Some(end)) if at <= end => Ok(delays),
+        _ => Err(Stop::PastDeadline),
+    }
+}
+
+impl<S, B, C> fmt::Debug for ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempt", &self.attempt)
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,122 @@
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::Layer;
+
+use super::backoff::random_u64;
+use super::{Backoff, Classify, DefaultClassify, Retry};
+
+/// Applies [`Retry`] to a service: retries what [`Classify`] calls
+/// retryable, waiting `max(backoff delay, Retry-After)` before each retry.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::{Backoff, RetryLayer};
+///
+/// let layer = RetryLayer::new(Backoff::exponential(Duration::from_millis(500)).max_retries(4))
+///     .max_retry_after(Duration::from_secs(60))
+///     .deadline(Duration::from_secs(30));
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct RetryLayer<C = DefaultClassify> {
+    pub(super) backoff: Backoff,
+    pub(super) max_retry_after: Duration,
+    pub(super) deadline: Option<Duration>,
+    pub(super) classify: C,
+}
+
+impl RetryLayer {
+    /// The longest `Retry-After` honoured unless set: 5 minutes.
+    ///
+    /// Power Platform meters requests in 5-minute windows, so a throttling
+    /// server there never needs to ask for more; one that does (a daily
+    /// quota spent) is better answered by returning its response to the
+    /// caller than by holding the request, and its slot, for hours.
+    pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
+
+    /// Retries on `backoff`'s schedule with the [`DefaultClassify`] rule, a
+    /// 5-minute [`max_retry_after`](RetryLayer::max_retry_after) and no
+    /// deadline.
+    pub const fn new(backoff: Backoff) -> Self {
+        RetryLayer {
+            backoff,
+            max_retry_after: Self::DEFAULT_MAX_RETRY_AFTER,
+            deadline: None,
+            classify: DefaultClassify::new(),
+        }
+    }
+
+    /// Whether `POST`, `PATCH` and other non-idempotent requests retry on
+    /// the statuses and errors that idempotent ones do (default `false`;
+    /// 429 retries for every method regardless). See [`DefaultClassify`].
+    pub const fn retry_non_idempotent(mut self, retry: bool) -> Self {
+        self.classify = self.classify.retry_non_idempotent(retry);
+        self
+    }
+}
+
+impl<C> RetryLayer<C> {
+    /// A server asking to wait longer than `limit` gets its response returned
+    /// at once instead of a sleep (default
+    /// [`DEFAULT_MAX_RETRY_AFTER`](RetryLayer::DEFAULT_MAX_RETRY_AFTER)).
+    pub fn max_retry_after(mut self, limit: Duration) -> Self {
+        self.max_retry_after = limit;
+        self
+    }
+
+    /// The time budget of one request, from `call` on (default: none). The
+    /// layer never sleeps past it: when the next retry would start later,
+    /// the last response (or error) is returned instead.
+    ///
+    /// It bounds the waiting between attempts, not an attempt itself; put a
+    /// `tower::timeout::TimeoutLayer` inside the retry layer for that.
+    pub fn deadline(mut self, budget: Duration) -> Self {
+        self.deadline = Some(budget);
+        self
+    }
+
+    /// Replaces the rule deciding which outcomes retry: a [`Classify`], such
+    /// as a closure `Fn(&Method, &Outcome<'_>) -> bool`.
+    pub fn classify<D: Classify>(self, classify: D) -> RetryLayer<D> {
+        RetryLayer {
+            backoff: self.backoff,
+            max_retry_after: self.max_retry_after,
+            deadline: self.deadline,
+            classify,
+        }
+    }
+
+    /// The retry schedule.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+}
+
+impl<C> fmt::Debug for RetryLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("backoff", &self.backoff)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("deadline", &self.deadline)
+            .field("classify", &std::any::type_name::<C>())
+            .finish()
+    }
+}
+
+impl<S, C: Clone> Layer<S> for RetryLayer<C> {
+    type Service = Retry<S, C>;
+
+    fn layer(&self, inner: S) -> Retry<S, C> {
+        Retry {
+            inner,
+            shared: Arc::new(super::service::Shared {
+                config: self.clone(),
+                requests: AtomicU64::new(0),
+                unseeded_key: random_u64(),
+            }),
+        }
+    }
+}
