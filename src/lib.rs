@@ -62,3 +62,8 @@ pub mod testing;
 
 pub use error::Error;
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -112,7 +112,10 @@ impl fmt::Debug for Backoff {
         };
         s.field("max_retries", &self.max_retries)
             .field("min_delay", &self.min_delay)
-            .field("max_delay", &self.max_delay)
+            .field(
+                "max_delay",
+                &(self.max_delay != Duration::MAX).then_some(self.max_delay),
+            )
             .field("jitter", &self.jitter)
             .field("seed", &self.seed)
             .finish()
@@ -544,6 +547,16 @@ mod tests {
             for (retry, d) in (1u32..).zip(base.clone().jitter(Jitter::Equal).seed(seed).delays()) {
                 let hi = secs(1 << (retry - 1)).min(secs(60));
                 assert!(hi / 2 <= d && d <= hi, "equal: retry {retry}: {d:?}");
+            }
+            for (retry, d) in (1u32..).zip(base.clone().jitter(Jitter::Banded).seed(seed).delays())
+            {
+                let hi = secs(1 << (retry - 1)).min(secs(60));
+                let lo = if retry == 1 {
+                    Duration::ZERO
+                } else {
+                    secs(1 << (retry - 2))
+                };
+                assert!(lo.min(hi) <= d && d <= hi, "banded: retry {retry}: {d:?}");
             }
             let mut previous = secs(1);
             for d in base

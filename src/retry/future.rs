@@ -36,7 +36,8 @@ pin_project! {
         delays: Delays,
         // The attempt in flight, 1 for the first try.
         attempt: u32,
-        started: Instant,
+        // When the deadline runs out; the clock is read only if one is set.
+        deadline: Option<Instant>,
         shared: Arc<Shared<C>>,
     }
 }
@@ -72,7 +73,10 @@ where
             method,
             delays,
             attempt: 1,
-            started: Instant::now(),
+            deadline: shared
+                .config
+                .deadline
+                .and_then(|budget| Instant::now().checked_add(budget)),
             shared,
         }
     }
@@ -121,7 +125,7 @@ where
                         })
                     } else {
                         next_delay(this.delays, &outcome, config.max_retry_after)
-                            .and_then(|delays| within(*this.started, config.deadline, delays))
+                            .and_then(|delays| within(*this.deadline, delays))
                     };
                     let (delay, policy, server) = match stop {
                         Ok(delays) => delays,
@@ -205,15 +209,14 @@ fn next_delay(
     }
 }
 
-/// `delays` if the retry after them starts within the deadline.
-fn within(started: Instant, deadline: Option<Duration>, delays: Delay) -> Result<Delay, Stop> {
-    let Some(budget) = deadline else {
+/// `delays` if the retry after them starts by the deadline (if any; a
+/// deadline too far to represent is none).
+fn within(deadline: Option<Instant>, delays: Delay) -> Result<Delay, Stop> {
+    let Some(end) = deadline else {
         return Ok(delays);
     };
-    let retry_at = Instant::now().checked_add(delays.0);
-    match (retry_at, started.checked_add(budget)) {
-        (_, None) => Ok(delays),
-        (Some(at), Some(end)) if at <= end => Ok(delays),
+    match Instant::now().checked_add(delays.0) {
+        Some(retry_at) if retry_at <= end => Ok(delays),
         _ => Err(Stop::PastDeadline),
     }
 }
