@@ -7,7 +7,7 @@
 /// `err.downcast_ref::<tollgate::Error>()`. Errors of the inner service are
 /// passed through unchanged inside the box.
 ///
-/// More variants arrive with the rate-limit and concurrency layers, so the
+/// More variants arrive with the concurrency layer, so the
 /// enum is `#[non_exhaustive]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -19,6 +19,14 @@ pub enum Error {
         setting: &'static str,
         /// What is wrong with it.
         reason: String,
+    },
+
+    /// The rate limiter would make this request wait longer than its
+    /// `max_wait` for a token (or a cool-down pushed its token further).
+    #[error("rate limited: the connection's next token is {retry_after:?} away")]
+    RateLimited {
+        /// How long until the connection's next token is ready.
+        retry_after: std::time::Duration,
     },
 }
 

@@ -57,10 +57,12 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;
+pub mod rate_limit;
 pub mod retry;
 pub mod testing;
 
 pub use error::Error;
+pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};
 
 /// The README's examples, compiled and run as doctests.

@@ -34,19 +34,22 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::{ready, Ready};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::{BoxError, Service};
 
-/// One scripted answer: a response, or an inner-service error.
+/// One scripted answer: a response, or an inner-service error, after an
+/// optional latency.
 #[derive(Debug, Clone)]
 pub struct Reply {
     kind: ReplyKind,
+    latency: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +71,7 @@ impl Reply {
                 headers: HeaderMap::new(),
                 body: String::new(),
             },
+            latency: Duration::ZERO,
         }
     }
 
@@ -76,7 +80,15 @@ impl Reply {
     pub fn error(message: impl Into<String>) -> Self {
         Reply {
             kind: ReplyKind::Error(message.into()),
+            latency: Duration::ZERO,
         }
+    }
+
+    /// Answers `latency` after the request arrives (in tokio time), as a
+    /// slow server would; the default is at once.
+    pub fn after(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
     }
 
     /// Adds `Retry-After` in whole seconds (rounded up).
@@ -211,7 +223,7 @@ impl Script {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn answer<B>(&self, request: &Request<B>) -> Result<Response<String>, BoxError> {
+    fn answer<B>(&self, request: &Request<B>) -> (Duration, Result<Response<String>, BoxError>) {
         let mut log = self.lock();
         log.attempts.push(Attempt {
             at: Instant::now(),
@@ -223,8 +235,8 @@ impl Script {
             log.last = Some(next);
         }
         match &log.last {
-            Some(reply) => reply.make(),
-            None => Reply::status(200).make(),
+            Some(reply) => (reply.latency, reply.make()),
+            None => (Duration::ZERO, Reply::status(200).make()),
         }
     }
 }
@@ -245,7 +257,8 @@ impl fmt::Debug for Script {
     }
 }
 
-/// The `tower::Service` of a [`Script`]: always ready, answers at once.
+/// The `tower::Service` of a [`Script`]: always ready; answers when the
+/// reply's [`after`](Reply::after) latency has passed.
 #[derive(Debug, Clone)]
 pub struct ScriptService {
     script: Script,
@@ -254,13 +267,39 @@ pub struct ScriptService {
 impl<B> Service<Request<B>> for ScriptService {
     type Response = Response<String>;
     type Error = BoxError;
-    type Future = Ready<Result<Response<String>, BoxError>>;
+    type Future = ScriptFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        ready(self.script.answer(&request))
+    fn call(&mut self, request: Request<B>) -> ScriptFuture {
+        let (latency, answer) = self.script.answer(&request);
+        ScriptFuture {
+            latency: (!latency.is_zero()).then(|| Box::pin(tokio::time::sleep(latency))),
+            answer: Some(answer),
+        }
+    }
+}
+
+/// The response future of a [`ScriptService`].
+#[derive(Debug)]
+pub struct ScriptFuture {
+    latency: Option<Pin<Box<Sleep>>>,
+    answer: Option<Result<Response<String>, BoxError>>,
+}
+
+impl Future for ScriptFuture {
+    type Output = Result<Response<String>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(latency) = self.latency.as_mut() {
+            ready!(latency.as_mut().poll(cx));
+            self.latency = None;
+        }
+        match self.answer.take() {
+            Some(answer) => Poll::Ready(answer),
+            None => Poll::Pending,
+        }
     }
 }

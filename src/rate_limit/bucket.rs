@@ -1,0 +1,185 @@
+//! The token bucket, as GCRA arithmetic on one `u64`.
+//!
+//! The Generic Cell Rate Algorithm keeps one number per bucket, the
+//! *theoretical arrival time* (TAT): when the bucket would be full again if
+//! nothing else arrived. With `t` the time between tokens and `tau = t *
+//! (burst - 1)` the slack a burst may use, a request at `now` is admitted iff
+//! `now >= tat - tau`, and then `tat = max(tat, now) + t`. A denial knows
+//! exactly when the next token is ready: `tat - tau`.
+//!
+//! Times are nanoseconds since the limiter's epoch, in tokio time. A TAT at
+//! or before `now` means a full bucket, which is why a key that was never
+//! seen can start at 0, and why a full bucket can be forgotten.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Quota;
+
+/// The two constants of one quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Gcra {
+    /// Nanoseconds per token (at least 1).
+    t: u64,
+    /// Nanoseconds of burst tolerance: `t * (burst - 1)`.
+    tau: u64,
+}
+
+impl Gcra {
+    /// `None` for an invalid quota.
+    pub(crate) fn new(quota: &Quota) -> Option<Self> {
+        let t = quota.emission_interval()?.max(1);
+        let tau = t.saturating_mul(u64::from(quota.burst_size()) - 1);
+        Some(Gcra { t, tau })
+    }
+
+    /// The new TAT if a request at `now` is admitted, else `Err(ready_at)`.
+    pub(crate) fn admit(&self, tat: u64, now: u64) -> Result<u64, u64> {
+        let earliest = tat.saturating_sub(self.tau);
+        if now < earliest {
+            Err(earliest)
+        } else {
+            Ok(tat.max(now).saturating_add(self.t))
+        }
+    }
+
+    /// The TAT that holds every request until `until`, then lets one
+    /// through and refills from empty at the quota's rate.
+    pub(crate) fn paused_until(&self, until: u64) -> u64 {
+        until.saturating_add(self.tau)
+    }
+}
+
+/// One bucket: its TAT in an atomic, so admission is lock-free.
+#[derive(Debug, Default)]
+pub(crate) struct Bucket {
+    tat: AtomicU64,
+}
+
+impl Bucket {
+    /// Takes a token at `now`, or says when one will be ready.
+    pub(crate) fn acquire(&self, gcra: &Gcra, now: u64) -> Result<(), u64> {
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let next = gcra.admit(tat, now)?;
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// Holds the bucket until `until` (never shortening a longer pause).
+    pub(crate) fn pause(&self, gcra: &Gcra, until: u64) {
+        self.tat
+            .fetch_max(gcra.paused_until(until), Ordering::AcqRel);
+    }
+
+    /// True if the bucket is full at `now`: it then behaves exactly like a
+    /// bucket never used, and can be dropped.
+    pub(crate) fn is_full(&self, now: u64) -> bool {
+        self.tat.load(Ordering::Acquire) <= now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn burst_then_rate() {
+        let gcra = Gcra::new(&Quota::per_second(4).burst(2)).unwrap();
+        let bucket = Bucket::default();
+        assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
+        assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
+        assert_eq!(bucket.acquire(&gcra, 0), Err(SEC / 4));
+        assert_eq!(bucket.acquire(&gcra, SEC / 4), Ok(()));
+        assert_eq!(bucket.acquire(&gcra, SEC / 4), Err(SEC / 2));
+        assert!(!bucket.is_full(SEC / 2));
+        assert!(bucket.is_full(SEC));
+    }
+
+    #[test]
+    fn pause_holds_then_refills_from_empty_and_never_shortens() {
+        let gcra = Gcra::new(&Quota::per_second(10)).unwrap();
+        let bucket = Bucket::default();
+        bucket.pause(&gcra, 7 * SEC);
+        bucket.pause(&gcra, 3 * SEC); // shorter: no effect
+        assert_eq!(bucket.acquire(&gcra, 0), Err(7 * SEC));
+        assert_eq!(bucket.acquire(&gcra, 7 * SEC - 1), Err(7 * SEC));
+        assert_eq!(bucket.acquire(&gcra, 7 * SEC), Ok(()));
+        // One token at the end of the pause, then one per 100 ms.
+        assert_eq!(bucket.acquire(&gcra, 7 * SEC), Err(7 * SEC + SEC / 10));
+    }
+
+    #[test]
+    fn saturates_instead_of_overflowing() {
+        // An unbounded burst tolerance admits everything, even when paused.
+        let gcra = Gcra::new(&Quota::new(1, Duration::MAX).burst(u32::MAX)).unwrap();
+        let bucket = Bucket::default();
+        assert_eq!(bucket.acquire(&gcra, u64::MAX), Ok(()));
+        bucket.pause(&gcra, u64::MAX);
+        assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
+        // One token a lifetime, and a pause to the end of time.
+        let gcra = Gcra::new(&Quota::new(1, Duration::MAX)).unwrap();
+        let bucket = Bucket::default();
+        assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
+        assert_eq!(bucket.acquire(&gcra, u64::MAX - 1), Err(u64::MAX));
+        bucket.pause(&gcra, u64::MAX);
+        assert_eq!(bucket.acquire(&gcra, 0), Err(u64::MAX));
+    }
+
+    proptest! {
+        /// Over any arrivals, the admitted requests in any window
+        /// `[a, b]` never exceed `burst + count * (b - a) / period`.
+        #[test]
+        fn never_exceeds_burst_plus_rate(
+            count in 1u32..50,
+            period_ms in 1u64..5_000,
+            burst in 1u32..20,
+            gaps in proptest::collection::vec(0u64..200_000_000, 1..300),
+        ) {
+            let period = period_ms * 1_000_000;
+            let quota = Quota::new(count, Duration::from_nanos(period)).burst(burst);
+            let gcra = Gcra::new(&quota).unwrap();
+            let bucket = Bucket::default();
+            let mut now = 0u64;
+            let mut admitted = Vec::new();
+            for gap in gaps {
+                now += gap;
+                if bucket.acquire(&gcra, now).is_ok() {
+                    admitted.push(now);
+                }
+            }
+            for (i, a) in admitted.iter().enumerate() {
+                for (j, b) in admitted.iter().enumerate().skip(i) {
+                    let n = (j - i + 1) as u128;
+                    let allowed = u128::from(burst)
+                        + u128::from(count) * u128::from(b - a) / u128::from(period);
+                    prop_assert!(n <= allowed, "{} admitted in [{}, {}], allowed {}", n, a, b, allowed);
+                }
+            }
+        }
+
+        /// A denial's `ready_at` is exact: admitted then, not a nanosecond before.
+        #[test]
+        fn ready_at_is_exact(count in 1u32..1_000, burst in 1u32..10, uses in 1usize..40) {
+            let gcra = Gcra::new(&Quota::per_second(count).burst(burst)).unwrap();
+            let bucket = Bucket::default();
+            while bucket.acquire(&gcra, 0).is_ok() {}
+            for _ in 0..uses {
+                let ready_at = bucket.acquire(&gcra, 0).unwrap_err();
+                prop_assert_eq!(bucket.acquire(&gcra, ready_at - 1), Err(ready_at));
+                prop_assert_eq!(bucket.acquire(&gcra, ready_at), Ok(()));
+                // Leave it empty again at ready_at.
+                while bucket.acquire(&gcra, ready_at).is_ok() {}
+            }
+        }
+    }
+}

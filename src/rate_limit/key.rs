@@ -1,0 +1,140 @@
+//! Which connection (bucket) a request belongs to.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::uri::{Authority, Scheme};
+
+/// Names the connection a request belongs to: put it in the request's
+/// extensions, and [`RateLimitLayer::per_connection`](crate::RateLimitLayer::per_connection)
+/// spends that connection's quota.
+///
+/// Power Automate throttles per *connection*, and users spread load over
+/// several connections to the same service to multiply their capacity; this
+/// is that connection's name.
+///
+/// ```
+/// use tollgate::ConnectionKey;
+///
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(ConnectionKey::new("sharepoint-2"));
+/// ```
+///
+/// Without one, a request's key is its URI's scheme and authority (host and
+/// port, as hyper's connection pool keys connections); requests with neither
+/// (relative URIs) share a single bucket.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ConnectionKey(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    Named(Arc<str>),
+    // Clones of the request URI's parts: reference counts, no allocation.
+    Origin(Option<Scheme>, Authority),
+    NoAuthority,
+}
+
+impl ConnectionKey {
+    /// A connection named by the caller.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        ConnectionKey(Repr::Named(name.into()))
+    }
+
+    /// The key a request gets without a `ConnectionKey` extension.
+    pub fn of_uri(uri: &http::Uri) -> Self {
+        match uri.authority() {
+            Some(authority) => {
+                ConnectionKey(Repr::Origin(uri.scheme().cloned(), authority.clone()))
+            }
+            None => ConnectionKey(Repr::NoAuthority),
+        }
+    }
+}
+
+impl fmt::Debug for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Named(name) => write!(f, "ConnectionKey({name:?})"),
+            Repr::Origin(Some(scheme), authority) => {
+                write!(f, "ConnectionKey({scheme}://{authority})")
+            }
+            Repr::Origin(None, authority) => write!(f, "ConnectionKey({authority})"),
+            Repr::NoAuthority => f.write_str("ConnectionKey(<no authority>)"),
+        }
+    }
+}
+
+/// How a rate limiter finds a request's key from its head (method, URI,
+/// headers, extensions).
+///
+/// Implemented by [`ByConnection`] and by any `Fn(&http::request::Parts) -> K`.
+/// It reads the head, not the whole `Request<B>`, so that the key type is
+/// fixed when the layer is built, before any body type is known.
+pub trait KeyOf {
+    /// The key: one bucket per distinct value.
+    type Key: Hash + Eq + Clone + Send + Sync + fmt::Debug + 'static;
+
+    /// The key of the request whose head is `head`.
+    fn key_of(&self, head: &Parts) -> Self::Key;
+}
+
+/// The default key: the request's [`ConnectionKey`] extension, or else its
+/// URI's scheme and authority.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ByConnection;
+
+impl KeyOf for ByConnection {
+    type Key = ConnectionKey;
+
+    fn key_of(&self, head: &Parts) -> ConnectionKey {
+        match head.extensions.get::<ConnectionKey>() {
+            Some(key) => key.clone(),
+            None => ConnectionKey::of_uri(&head.uri),
+        }
+    }
+}
+
+impl<F, K> KeyOf for F
+where
+    F: Fn(&Parts) -> K,
+    K: Hash + Eq + Clone + Send + Sync + fmt::Debug + 'static,
+{
+    type Key = K;
+
+    fn key_of(&self, head: &Parts) -> K {
+        self(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(uri: &str) -> Parts {
+        http::Request::get(uri).body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn extension_wins_over_authority() {
+        let mut parts = head("http://a.example/x");
+        parts.extensions.insert(ConnectionKey::new("conn-1"));
+        assert_eq!(ByConnection.key_of(&parts), ConnectionKey::new("conn-1"));
+    }
+
+    #[test]
+    fn authority_fallback() {
+        let key = |uri| ByConnection.key_of(&head(uri));
+        assert_eq!(key("http://a.example/x"), key("http://a.example/y?z"));
+        assert_eq!(key("http://A.example/x"), key("http://a.example/x"));
+        assert_ne!(key("http://a.example/"), key("http://b.example/"));
+        assert_ne!(key("http://a.example/"), key("https://a.example/"));
+        assert_ne!(key("http://a.example/"), key("http://a.example:8080/"));
+        assert_eq!(key("/relative"), key("/other"));
+        assert_eq!(
+            format!("{:?}", key("http://a.example:8080/")),
+            "ConnectionKey(http://a.example:8080)"
+        );
+    }
+}

@@ -1,0 +1,135 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::Layer;
+
+use super::keyed::Buckets;
+use super::service::Shared;
+use super::{ByConnection, KeyOf, Quota, RateLimit};
+
+/// Applies [`RateLimit`]: one token bucket of `quota` per key (by default
+/// per connection), paused when the server answers 429/503 with
+/// `Retry-After`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::{Quota, RateLimitLayer};
+///
+/// // SharePoint's documented limit: 600 calls per minute per connection.
+/// let layer = RateLimitLayer::per_connection(Quota::per_minute(600))
+///     .max_wait(Duration::from_secs(30));
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct RateLimitLayer<F = ByConnection> {
+    quota: Quota,
+    key_of: F,
+    max_wait: Option<Duration>,
+    max_keys: usize,
+    max_cool_down: Duration,
+}
+
+impl RateLimitLayer {
+    /// Keys tracked at most, unless set: 10,000. Ten thousand connections is
+    /// beyond any client we know of, and costs about 1.5 MB.
+    pub const DEFAULT_MAX_KEYS: usize = 10_000;
+
+    /// The longest cool-down a server can impose, unless set: 5 minutes, the
+    /// same as the retry layer's `max_retry_after` and Power Platform's
+    /// metering window.
+    pub const DEFAULT_MAX_COOL_DOWN: Duration = Duration::from_secs(5 * 60);
+
+    /// A bucket of `quota` for each connection: the request's
+    /// [`ConnectionKey`](crate::ConnectionKey) extension, or its URI's scheme
+    /// and authority.
+    ///
+    /// Requests wait as long as their bucket says (no
+    /// [`max_wait`](RateLimitLayer::max_wait)): refusing overload belongs to
+    /// the concurrency gate in front, and a rate limiter that failed
+    /// requests by default would lose work that only needed delaying.
+    pub const fn per_connection(quota: Quota) -> Self {
+        RateLimitLayer {
+            quota,
+            key_of: ByConnection,
+            max_wait: None,
+            max_keys: Self::DEFAULT_MAX_KEYS,
+            max_cool_down: Self::DEFAULT_MAX_COOL_DOWN,
+        }
+    }
+}
+
+impl<F> RateLimitLayer<F> {
+    /// Keys requests by another rule: any [`KeyOf`], such as a closure
+    /// `Fn(&http::request::Parts) -> K` (e.g. by tenant header).
+    pub fn key_by<G: KeyOf>(self, key_of: G) -> RateLimitLayer<G> {
+        RateLimitLayer {
+            quota: self.quota,
+            key_of,
+            max_wait: self.max_wait,
+            max_keys: self.max_keys,
+            max_cool_down: self.max_cool_down,
+        }
+    }
+
+    /// A request that would wait longer than `limit` for a token fails at
+    /// once with [`Error::RateLimited`](crate::Error::RateLimited), whose
+    /// `retry_after` says when the token will be ready. A request already
+    /// waiting fails when a cool-down pushes its token past the limit.
+    pub fn max_wait(mut self, limit: Duration) -> Self {
+        self.max_wait = Some(limit);
+        self
+    }
+
+    /// Keys tracked at most (default
+    /// [`DEFAULT_MAX_KEYS`](RateLimitLayer::DEFAULT_MAX_KEYS)); see
+    /// [`Buckets`] for the eviction policy. Zero is
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig).
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys;
+        self
+    }
+
+    /// The longest a `Retry-After` may pause a connection (default
+    /// [`DEFAULT_MAX_COOL_DOWN`](RateLimitLayer::DEFAULT_MAX_COOL_DOWN)); a
+    /// server asking for more pauses it this long.
+    pub fn max_cool_down(mut self, limit: Duration) -> Self {
+        self.max_cool_down = limit;
+        self
+    }
+
+    /// The quota of every bucket.
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+}
+
+impl<F> fmt::Debug for RateLimitLayer<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("quota", &self.quota)
+            .field("key_of", &std::any::type_name::<F>())
+            .field("max_wait", &self.max_wait)
+            .field("max_keys", &self.max_keys)
+            .field("max_cool_down", &self.max_cool_down)
+            .finish()
+    }
+}
+
+impl<S, F: KeyOf + Clone> Layer<S> for RateLimitLayer<F> {
+    type Service = RateLimit<S, F>;
+
+    /// Each call makes a new set of buckets; clone the service, not the
+    /// layer, to share them.
+    fn layer(&self, inner: S) -> RateLimit<S, F> {
+        RateLimit {
+            inner,
+            key_of: self.key_of.clone(),
+            shared: Arc::new(Shared::new(
+                Buckets::new(self.quota, self.max_keys),
+                self.max_wait,
+                self.max_cool_down,
+            )),
+        }
+    }
+}

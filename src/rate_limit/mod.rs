@@ -1,0 +1,89 @@
+//! Token buckets per connection, paused when the server says so.
+//!
+//! Power Automate applies its throttling limits **per connection** (e.g.
+//! SharePoint: 600 calls per 60 s per connection), and users spread load over
+//! several connections to multiply capacity. [`RateLimitLayer`] does the same
+//! for any HTTP client: one token bucket per [`ConnectionKey`] (by default the
+//! request's scheme and authority), so each connection spends its own
+//! [`Quota`].
+//!
+//! # Cool-down: one 429 pauses the whole connection
+//!
+//! When many requests share a connection and each meets its own 429, each
+//! retries on its own clock and the connection is "throttled to death". So
+//! when a response is `429` or `503` with a `Retry-After` (or
+//! `retry-after-ms`, `x-ms-retry-after-ms`; see
+//! [`retry_after`](crate::retry_after)), the layer pauses that connection's
+//! bucket until then:
+//!
+//! - every request on the connection waits, including those already waiting;
+//!   other connections are untouched;
+//! - a shorter later `Retry-After` never shortens a longer cool-down;
+//! - when it ends, the connection gets **one** token and refills at its
+//!   quota's rate: releasing a full burst at the instant the server named
+//!   would be the stampede that earned the 429;
+//! - a server asking for more than
+//!   [`max_cool_down`](RateLimitLayer::max_cool_down) (default 5 minutes)
+//!   pauses the connection that long.
+//!
+//! # Waiting
+//!
+//! The key depends on the request, so the wait happens in the response
+//! future, not in `poll_ready` (which only passes the inner service's
+//! readiness through). The future sleeps until the bucket says a token will
+//! be ready, then tries again; it takes the token and sends the request in
+//! the same poll, so dropping it never wastes a token. With
+//! [`max_wait`](RateLimitLayer::max_wait), a request whose token is further
+//! away fails at once with [`Error::RateLimited`](crate::Error::RateLimited).
+//!
+//! Waiters are not queued in order: when a token comes, the first to look
+//! takes it. FIFO order for a bounded number of waiters is the concurrency
+//! gate's job.
+//!
+//! # The bucket
+//!
+//! GCRA arithmetic on one atomic `u64` per key, lock-free, as in governor;
+//! keys live in a bounded, sharded store ([`Buckets`]). See
+//! `BENCHMARKS.md` for both against governor.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tollgate::testing::{Reply, Script};
+//! use tollgate::{Quota, RateLimitLayer};
+//! use tower::{Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let server = Script::new()
+//!     .reply(Reply::status(429).retry_after(Duration::from_secs(10)))
+//!     .reply(200);
+//! let client = RateLimitLayer::per_connection(Quota::per_second(100)).layer(server.service());
+//! let get = || http::Request::get("http://127.0.0.1:8080/leads").body(()).unwrap();
+//!
+//! let throttled = client.clone().oneshot(get()).await?;
+//! assert_eq!(throttled.status(), 429);
+//! // The whole connection now waits the 10 s out, not just that request.
+//! let started = tokio::time::Instant::now();
+//! client.clone().oneshot(get()).await?;
+//! assert_eq!(started.elapsed(), Duration::from_secs(10));
+//! assert_eq!(client.handle().cool_downs(), 1);
+//! # Ok(())
+//! # }
+//! ```
+
+mod bucket;
+mod future;
+mod key;
+mod keyed;
+mod layer;
+mod quota;
+mod service;
+
+pub use future::ResponseFuture;
+pub use key::{ByConnection, ConnectionKey, KeyOf};
+pub use keyed::Buckets;
+pub use layer::RateLimitLayer;
+pub use quota::Quota;
+pub use service::{RateLimit, RateLimitHandle};
