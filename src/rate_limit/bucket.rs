@@ -11,9 +11,14 @@
 //! or before `now` means a full bucket, which is why a key that was never
 //! seen can start at 0, and why a full bucket can be forgotten.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::Quota;
+use crate::Error;
 
 /// The two constants of one quota.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,20 +54,37 @@ impl Gcra {
     }
 }
 
-/// One bucket: its TAT in an atomic, so admission is lock-free.
-#[derive(Debug, Default)]
-pub(crate) struct Bucket {
-    tat: AtomicU64,
+/// Nanoseconds since a limiter was made, in tokio time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epoch(Instant);
+
+impl Epoch {
+    pub(crate) fn start() -> Self {
+        Epoch(Instant::now())
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.0))
+    }
 }
 
-impl Bucket {
+/// A duration in nanoseconds, saturating at `u64::MAX` (584 years).
+pub(crate) fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One bucket's state: its TAT in an atomic, so admission is lock-free.
+#[derive(Debug, Default)]
+pub(crate) struct Tat(AtomicU64);
+
+impl Tat {
     /// Takes a token at `now`, or says when one will be ready.
     pub(crate) fn acquire(&self, gcra: &Gcra, now: u64) -> Result<(), u64> {
-        let mut tat = self.tat.load(Ordering::Acquire);
+        let mut tat = self.0.load(Ordering::Acquire);
         loop {
             let next = gcra.admit(tat, now)?;
             match self
-                .tat
+                .0
                 .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => return Ok(()),
@@ -73,14 +95,75 @@ impl Bucket {
 
     /// Holds the bucket until `until` (never shortening a longer pause).
     pub(crate) fn pause(&self, gcra: &Gcra, until: u64) {
-        self.tat
-            .fetch_max(gcra.paused_until(until), Ordering::AcqRel);
+        self.0.fetch_max(gcra.paused_until(until), Ordering::AcqRel);
     }
 
     /// True if the bucket is full at `now`: it then behaves exactly like a
     /// bucket never used, and can be dropped.
     pub(crate) fn is_full(&self, now: u64) -> bool {
-        self.tat.load(Ordering::Acquire) <= now
+        self.0.load(Ordering::Acquire) <= now
+    }
+}
+
+/// One token bucket for everything that shares it: a direct (unkeyed)
+/// limiter, for a quota that spans connections (e.g. the Power Platform's
+/// 100,000 requests per 5 minutes per user). Lock-free: one atomic per
+/// acquire.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::rate_limit::Bucket;
+/// use tollgate::Quota;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), tollgate::Error> {
+/// let bucket = Bucket::new(Quota::per_second(10).burst(1))?;
+/// assert_eq!(bucket.try_acquire(), Ok(()));
+/// assert_eq!(bucket.try_acquire(), Err(Duration::from_millis(100)));
+/// # Ok(())
+/// # }
+/// ```
+pub struct Bucket {
+    gcra: Gcra,
+    epoch: Epoch,
+    tat: Tat,
+}
+
+impl Bucket {
+    /// A full bucket of `quota`; [`Error::InvalidConfig`] if it is invalid.
+    pub fn new(quota: Quota) -> Result<Self, Error> {
+        quota.validate()?;
+        let gcra = Gcra::new(&quota)
+            .ok_or_else(|| Error::invalid_config("quota", format!("{quota:?}")))?;
+        Ok(Bucket {
+            gcra,
+            epoch: Epoch::start(),
+            tat: Tat::default(),
+        })
+    }
+
+    /// Takes a token, or says how long until one is ready.
+    pub fn try_acquire(&self) -> Result<(), Duration> {
+        let now = self.epoch.now();
+        self.tat
+            .acquire(&self.gcra, now)
+            .map_err(|ready_at| Duration::from_nanos(ready_at - now))
+    }
+
+    /// Holds every acquire for `pause` from now (a shorter pause never cuts
+    /// a longer one short); afterwards the bucket refills from empty.
+    pub fn pause(&self, pause: Duration) {
+        let until = self.epoch.now().saturating_add(nanos(pause));
+        self.tat.pause(&self.gcra, until);
+    }
+}
+
+impl fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bucket")
+            .field("gcra", &self.gcra)
+            .field("tat", &self.tat)
+            .finish()
     }
 }
 
@@ -95,7 +178,7 @@ mod tests {
     #[test]
     fn burst_then_rate() {
         let gcra = Gcra::new(&Quota::per_second(4).burst(2)).unwrap();
-        let bucket = Bucket::default();
+        let bucket = Tat::default();
         assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
         assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
         assert_eq!(bucket.acquire(&gcra, 0), Err(SEC / 4));
@@ -108,7 +191,7 @@ mod tests {
     #[test]
     fn pause_holds_then_refills_from_empty_and_never_shortens() {
         let gcra = Gcra::new(&Quota::per_second(10)).unwrap();
-        let bucket = Bucket::default();
+        let bucket = Tat::default();
         bucket.pause(&gcra, 7 * SEC);
         bucket.pause(&gcra, 3 * SEC); // shorter: no effect
         assert_eq!(bucket.acquire(&gcra, 0), Err(7 * SEC));
@@ -122,13 +205,13 @@ mod tests {
     fn saturates_instead_of_overflowing() {
         // An unbounded burst tolerance admits everything, even when paused.
         let gcra = Gcra::new(&Quota::new(1, Duration::MAX).burst(u32::MAX)).unwrap();
-        let bucket = Bucket::default();
+        let bucket = Tat::default();
         assert_eq!(bucket.acquire(&gcra, u64::MAX), Ok(()));
         bucket.pause(&gcra, u64::MAX);
         assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
         // One token a lifetime, and a pause to the end of time.
         let gcra = Gcra::new(&Quota::new(1, Duration::MAX)).unwrap();
-        let bucket = Bucket::default();
+        let bucket = Tat::default();
         assert_eq!(bucket.acquire(&gcra, 0), Ok(()));
         assert_eq!(bucket.acquire(&gcra, u64::MAX - 1), Err(u64::MAX));
         bucket.pause(&gcra, u64::MAX);
@@ -148,7 +231,7 @@ mod tests {
             let period = period_ms * 1_000_000;
             let quota = Quota::new(count, Duration::from_nanos(period)).burst(burst);
             let gcra = Gcra::new(&quota).unwrap();
-            let bucket = Bucket::default();
+            let bucket = Tat::default();
             let mut now = 0u64;
             let mut admitted = Vec::new();
             for gap in gaps {
@@ -171,7 +254,7 @@ mod tests {
         #[test]
         fn ready_at_is_exact(count in 1u32..1_000, burst in 1u32..10, uses in 1usize..40) {
             let gcra = Gcra::new(&Quota::per_second(count).burst(burst)).unwrap();
-            let bucket = Bucket::default();
+            let bucket = Tat::default();
             while bucket.acquire(&gcra, 0).is_ok() {}
             for _ in 0..uses {
                 let ready_at = bucket.acquire(&gcra, 0).unwrap_err();

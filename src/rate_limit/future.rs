@@ -85,6 +85,7 @@ where
                     match buckets.acquire_at(this.key, now) {
                         Ok(()) => {
                             *this.waiting = None;
+                            this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
                             let (mut service, request) = this
                                 .pending
                                 .take()
@@ -106,13 +107,20 @@ where
                             }
                             if this.waiting.is_none() {
                                 *this.waiting = Some(Waiting::new(&this.shared.figures));
+                                tracing::debug!(
+                                    target: "tollgate::rate_limit",
+                                    key = ?this.key,
+                                    ?wait,
+                                    "waiting for a token"
+                                );
+                            } else {
+                                tracing::trace!(
+                                    target: "tollgate::rate_limit",
+                                    key = ?this.key,
+                                    ?wait,
+                                    "still waiting: the token went to another request"
+                                );
                             }
-                            tracing::trace!(
-                                target: "tollgate::rate_limit",
-                                key = ?this.key,
-                                ?wait,
-                                "waiting for a token"
-                            );
                             this.state.set(State::Sleeping { sleep: sleep(wait) });
                         }
                     }

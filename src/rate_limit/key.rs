@@ -1,7 +1,7 @@
 //! Which connection (bucket) a request belongs to.
 
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -28,12 +28,44 @@ use http::uri::{Authority, Scheme};
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ConnectionKey(Repr);
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, Eq)]
 enum Repr {
     Named(Arc<str>),
     // Clones of the request URI's parts: reference counts, no allocation.
     Origin(Option<Scheme>, Authority),
     NoAuthority,
+}
+
+impl PartialEq for Repr {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            // A key found in a store is usually a clone of the caller's: the
+            // same allocation, so compare pointers before bytes (`Arc<str>`
+            // does not, `str` being unsized).
+            (Repr::Named(a), Repr::Named(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Repr::Origin(s1, a1), Repr::Origin(s2, a2)) => s1 == s2 && a1 == a2,
+            (Repr::NoAuthority, Repr::NoAuthority) => true,
+            _ => false,
+        }
+    }
+}
+
+// By content, as `eq` compares (pointer equality implies equal content).
+impl Hash for Repr {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            Repr::Named(name) => {
+                state.write_u8(0);
+                name.hash(state);
+            }
+            Repr::Origin(scheme, authority) => {
+                state.write_u8(1);
+                scheme.hash(state);
+                authority.hash(state);
+            }
+            Repr::NoAuthority => state.write_u8(2),
+        }
+    }
 }
 
 impl ConnectionKey {

@@ -81,6 +81,7 @@ mod layer;
 mod quota;
 mod service;
 
+pub use bucket::Bucket;
 pub use future::ResponseFuture;
 pub use key::{ByConnection, ConnectionKey, KeyOf};
 pub use keyed::Buckets;
