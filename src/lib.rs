@@ -11,6 +11,10 @@
 //!   waits the **larger** of its own delay and the server's `Retry-After`
 //!   (delay-seconds, HTTP-date, or the millisecond headers Azure sends), and
 //!   caps what a server may ask for.
+//! - [`rate_limit`]: a token bucket per connection ([`Quota`],
+//!   [`ConnectionKey`]); a 429 or 503 with `Retry-After` pauses that whole
+//!   connection, not just the one request; bounded memory for any number of
+//!   keys.
 //! - [`testing`]: a scripted mock server that records when each attempt
 //!   arrived, to unit-test a backoff in virtual time.
 //!

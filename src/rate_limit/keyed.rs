@@ -48,8 +48,11 @@ const MIN_SHARD_KEYS: usize = 64;
 /// (SipHash, as std's `HashMap`, so keys built from request data cannot be
 /// chosen to collide), and its bucket is one atomic compare-and-swap. Each
 /// shard keeps its keys in a slab (key, bucket state, a "used" flag) and an
-/// index of 4-byte slab positions; a [`ConnectionKey`](crate::ConnectionKey)
-/// costs about 80 bytes, measured in `benches/rate_limit.rs`.
+/// index of 4-byte slab positions. A [`ConnectionKey`](crate::ConnectionKey)
+/// costs about 115 bytes of store, growth slack included (113 measured for
+/// 10,000 keys in `benches/rate_limit.rs`; governor's keyed limiter: 94).
+/// At equal clocks an acquire costs what governor's keyed limiter does
+/// (`BENCHMARKS.md`).
 ///
 /// # Eviction
 ///

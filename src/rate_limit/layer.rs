@@ -31,8 +31,9 @@ pub struct RateLimitLayer<F = ByConnection> {
 }
 
 impl RateLimitLayer {
-    /// Keys tracked at most, unless set: 10,000. Ten thousand connections is
-    /// beyond any client we know of, and costs about 1.5 MB.
+    /// Keys tracked at most, unless set: 10,000. Far more connections than
+    /// a client keeps open (so active keys are not evicted), at about 1.1 MB
+    /// when full (113 bytes a key, measured).
     pub const DEFAULT_MAX_KEYS: usize = 10_000;
 
     /// The longest cool-down a server can impose, unless set: 5 minutes, the

@@ -43,8 +43,14 @@
 //! # The bucket
 //!
 //! GCRA arithmetic on one atomic `u64` per key, lock-free, as in governor;
-//! keys live in a bounded, sharded store ([`Buckets`]). See
-//! `BENCHMARKS.md` for both against governor.
+//! keys live in a bounded, sharded store ([`Buckets`]); [`Bucket`] is the
+//! same bucket without keys. Hand-written rather than wrapping governor
+//! because governor's state has no way to push a key's TAT forward (the
+//! cool-down) and its keyed store keeps every key until the caller runs
+//! `retain_recent()` (governor#171), where ours is bounded by itself; at
+//! equal clocks it costs what governor does (`BENCHMARKS.md`). governor's
+//! default is faster by reading the CPU's TSC, which would leave tokio's
+//! virtual time, and with it every test of this crate's users.
 //!
 //! # Example
 //!
