@@ -7,8 +7,7 @@
 /// `err.downcast_ref::<tollgate::Error>()`. Errors of the inner service are
 /// passed through unchanged inside the box.
 ///
-/// More variants arrive with the concurrency layer, so the
-/// enum is `#[non_exhaustive]`.
+/// The enum is `#[non_exhaustive]`: new layers may add variants.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -20,6 +19,16 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// The concurrency gate had every slot busy and its queue full: the
+    /// request was refused without waiting.
+    #[error("refused: every slot is busy and the waiting queue is full")]
+    QueueFull,
+
+    /// The request waited in the concurrency gate's queue for longer than
+    /// its `queue_timeout`.
+    #[error("gave up waiting for a slot: queue_timeout elapsed")]
+    QueueTimeout,
 
     /// The rate limiter would make this request wait longer than its
     /// `max_wait` for a token (or a cool-down pushed its token further).

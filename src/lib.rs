@@ -15,6 +15,9 @@
 //!   [`ConnectionKey`]); a 429 or 503 with `Retry-After` pauses that whole
 //!   connection, not just the one request; bounded memory for any number of
 //!   keys.
+//! - [`concurrency`]: at most `parallelism` requests in flight, a FIFO
+//!   queue of `10 + parallelism` more, and an immediate, typed refusal
+//!   beyond ([`ConcurrencyGateLayer`]).
 //! - [`testing`]: a scripted mock server that records when each attempt
 //!   arrived, to unit-test a backoff in virtual time.
 //!
@@ -60,11 +63,13 @@
 )]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod concurrency;
 mod error;
 pub mod rate_limit;
 pub mod retry;
 pub mod testing;
 
+pub use concurrency::{ConcurrencyGate, ConcurrencyGateLayer};
 pub use error::Error;
 pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};

@@ -1,0 +1,161 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{sleep, Sleep};
+use tower::{BoxError, Service};
+
+use super::queue::{Admission, Gate, Place, Slot};
+use crate::Error;
+
+pin_project! {
+    /// The response future of [`ConcurrencyGate`](super::ConcurrencyGate):
+    /// waits for a slot (if queued), then for the inner service, then for
+    /// the response, holding the slot until it completes or is dropped.
+    pub struct ResponseFuture<S, Request>
+    where
+        S: Service<Request>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        service: S,
+        request: Option<Request>,
+        // Held while queued; turned into `slot` when a slot is handed over.
+        place: Option<Place>,
+        slot: Option<Slot>,
+        #[pin]
+        timeout: Option<Sleep>,
+        gate: Arc<Gate>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // Decided in `call`: this request is refused.
+        Refused { error: Option<Error> },
+        // Waiting in the queue for a slot.
+        Queued,
+        // Holding a slot, waiting for the inner service to be ready.
+        Readying,
+        // The request is with the inner service.
+        Called { #[pin] future: F },
+    }
+}
+
+impl<S, Request> ResponseFuture<S, Request>
+where
+    S: Service<Request>,
+{
+    pub(super) fn new(
+        admission: Admission,
+        service: S,
+        request: Request,
+        gate: &Arc<Gate>,
+        queue_timeout: Option<Duration>,
+    ) -> Self {
+        let (state, place, slot, timeout) = match admission {
+            Admission::Slot(slot) => (State::Readying, None, Some(slot), None),
+            Admission::Queued(place) => {
+                tracing::trace!(target: "tollgate::concurrency", "queued for a slot");
+                (State::Queued, Some(place), None, queue_timeout.map(sleep))
+            }
+            Admission::Full => {
+                tracing::debug!(target: "tollgate::concurrency", "refused: the queue is full");
+                let error = Some(Error::QueueFull);
+                (State::Refused { error }, None, None, None)
+            }
+            Admission::Closed => {
+                let error = Some(Error::invalid_config(
+                    "concurrency gate",
+                    "parallelism must be at least 1",
+                ));
+                (State::Refused { error }, None, None, None)
+            }
+        };
+        ResponseFuture {
+            state,
+            service,
+            request: Some(request),
+            place,
+            slot,
+            timeout,
+            gate: Arc::clone(gate),
+        }
+    }
+}
+
+impl<S, Request> Future for ResponseFuture<S, Request>
+where
+    S: Service<Request>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Refused { error } => {
+                    let error = error.take().unwrap_or(Error::QueueFull);
+                    return Poll::Ready(Err(error.into()));
+                }
+                StateProj::Queued => {
+                    let place = this
+                        .place
+                        .as_mut()
+                        .expect("a queued future holds its place");
+                    if place.poll_granted(cx).is_pending() {
+                        let Some(timeout) = this.timeout.as_mut().as_pin_mut() else {
+                            return Poll::Pending;
+                        };
+                        ready!(timeout.poll(cx));
+                        if place.leave() {
+                            *this.place = None;
+                            this.gate.timed_out.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(target: "tollgate::concurrency", "gave up: queue_timeout");
+                            return Poll::Ready(Err(Error::QueueTimeout.into()));
+                        }
+                        // Handed a slot just as the timeout fired: take it.
+                    }
+                    let place = this.place.take().expect("checked above");
+                    *this.slot = Some(place.into_slot());
+                    tracing::trace!(target: "tollgate::concurrency", "admitted from the queue");
+                    this.state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    ready!(this.service.poll_ready(cx)).map_err(Into::into)?;
+                    let request = this
+                        .request
+                        .take()
+                        .expect("the request is sent once, from this state only");
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    // The slot goes back as soon as the response is here.
+                    *this.slot = None;
+                    return Poll::Ready(result);
+                }
+            }
+        }
+    }
+}
+
+impl<S, Request> fmt::Debug for ResponseFuture<S, Request>
+where
+    S: Service<Request>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("queued", &self.place.is_some())
+            .field("holds_slot", &self.slot.is_some())
+            .finish_non_exhaustive()
+    }
+}

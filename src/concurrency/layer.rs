@@ -1,0 +1,85 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::Layer;
+
+use super::queue::Gate;
+use super::ConcurrencyGate;
+
+/// Applies [`ConcurrencyGate`]: at most `parallelism` requests in flight, a
+/// FIFO queue of `queue_limit` more (default `10 + parallelism`), and an
+/// immediate [`Error::QueueFull`](crate::Error::QueueFull) beyond.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::ConcurrencyGateLayer;
+///
+/// // Power Automate's trigger default: 25 runs at once, 35 waiting.
+/// let gate = ConcurrencyGateLayer::new(25).queue_timeout(Duration::from_secs(60));
+/// # let _ = gate;
+/// ```
+///
+/// Each service the layer builds gets its own gate; clones of that service
+/// share it. To put two differently built stacks behind one gate, build the
+/// gate once and clone it into both.
+#[derive(Clone, Debug)]
+pub struct ConcurrencyGateLayer {
+    parallelism: usize,
+    queue_limit: Option<usize>,
+    queue_timeout: Option<Duration>,
+}
+
+impl ConcurrencyGateLayer {
+    /// Extra waiting places beyond `parallelism` in the default queue
+    /// limit: Logic Apps and Power Automate queue "10 + degree of
+    /// parallelism" waiting runs.
+    pub const DEFAULT_EXTRA_QUEUE: usize = 10;
+
+    /// At most `parallelism` in flight, `10 + parallelism` waiting, no queue
+    /// timeout. `parallelism` 0 is
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) on every call
+    /// (never a hang).
+    pub const fn new(parallelism: usize) -> Self {
+        ConcurrencyGateLayer {
+            parallelism,
+            queue_limit: None,
+            queue_timeout: None,
+        }
+    }
+
+    /// How many requests may wait for a slot (0: refuse as soon as every
+    /// slot is busy).
+    pub const fn queue_limit(mut self, limit: usize) -> Self {
+        self.queue_limit = Some(limit);
+        self
+    }
+
+    /// A waiting request not admitted within `timeout` fails with
+    /// [`Error::QueueTimeout`](crate::Error::QueueTimeout) (default: waits
+    /// as long as it takes; the queue is bounded, so the wait is too, by
+    /// the requests ahead of it).
+    pub const fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = Some(timeout);
+        self
+    }
+
+    /// The queue limit this layer gives its gates.
+    pub const fn effective_queue_limit(&self) -> usize {
+        match self.queue_limit {
+            Some(limit) => limit,
+            None => self.parallelism.saturating_add(Self::DEFAULT_EXTRA_QUEUE),
+        }
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyGateLayer {
+    type Service = ConcurrencyGate<S>;
+
+    fn layer(&self, inner: S) -> ConcurrencyGate<S> {
+        ConcurrencyGate {
+            inner,
+            gate: Arc::new(Gate::new(self.parallelism, self.effective_queue_limit())),
+            queue_timeout: self.queue_timeout,
+        }
+    }
+}

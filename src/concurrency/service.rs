@@ -1,0 +1,167 @@
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::{BoxError, Service};
+
+use super::future::ResponseFuture;
+use super::queue::Gate;
+use crate::Error;
+
+/// At most `parallelism` requests in flight, a bounded FIFO queue, and an
+/// immediate refusal beyond. Made by
+/// [`ConcurrencyGateLayer`](crate::ConcurrencyGateLayer).
+///
+/// Clones share one gate: it bounds the whole client, not one clone.
+///
+/// # `poll_ready` and `call`
+///
+/// `poll_ready` is always ready and reserves nothing; `call` decides at once,
+/// under the gate's lock: a free slot (the request runs), a place in the
+/// queue (it waits, in arrival order), or the queue is full (its future
+/// fails with [`Error::QueueFull`] on first poll, without waiting). So
+///
+/// - a caller waiting in the queue waits in its *response future*, never in
+///   `poll_ready`, and cannot hold up the clones of other callers;
+/// - refusal is per request, as a typed error, instead of an error from
+///   `poll_ready` (which tells tower the service itself has failed);
+/// - the inner service is cloned into the future and polled ready there,
+///   once the request holds its slot, so the gate composes with any
+///   `tower::ServiceBuilder` stack and needs no `Buffer`.
+///
+/// A slot is returned when the response future completes (for HTTP: when
+/// the response head arrives) or is dropped; a queued future that is
+/// dropped leaves the queue, or passes on a slot it had just been handed.
+pub struct ConcurrencyGate<S> {
+    pub(super) inner: S,
+    pub(super) gate: Arc<Gate>,
+    pub(super) queue_timeout: Option<Duration>,
+}
+
+impl<S> ConcurrencyGate<S> {
+    /// Live figures and the parallelism knob of this gate (shared by all
+    /// clones).
+    pub fn handle(&self) -> ConcurrencyGateHandle {
+        ConcurrencyGateHandle {
+            gate: Arc::clone(&self.gate),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for ConcurrencyGate<S> {
+    fn clone(&self) -> Self {
+        ConcurrencyGate {
+            inner: self.inner.clone(),
+            gate: Arc::clone(&self.gate),
+            queue_timeout: self.queue_timeout,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ConcurrencyGate<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyGate")
+            .field("inner", &self.inner)
+            .field("gate", &self.gate)
+            .field("queue_timeout", &self.queue_timeout)
+            .finish()
+    }
+}
+
+impl<S, Request> Service<Request> for ConcurrencyGate<S>
+where
+    S: Service<Request> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let admission = self.gate.admit();
+        ResponseFuture::new(
+            admission,
+            self.inner.clone(),
+            request,
+            &self.gate,
+            self.queue_timeout,
+        )
+    }
+}
+
+/// Live figures of one [`ConcurrencyGate`] (and all its clones), and its
+/// parallelism, adjustable at run time.
+#[derive(Clone, Debug)]
+pub struct ConcurrencyGateHandle {
+    gate: Arc<Gate>,
+}
+
+impl ConcurrencyGateHandle {
+    /// Requests holding a slot now.
+    pub fn in_flight(&self) -> usize {
+        self.gate.in_flight()
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.gate.queued()
+    }
+
+    /// Requests refused so far because the queue was full.
+    pub fn refused(&self) -> u64 {
+        self.gate.refused.load(Ordering::Relaxed)
+    }
+
+    /// Requests that gave up waiting after `queue_timeout` so far.
+    pub fn timed_out(&self) -> u64 {
+        self.gate.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// The current parallelism.
+    pub fn parallelism(&self) -> usize {
+        self.gate.parallelism()
+    }
+
+    /// How many requests may wait.
+    pub fn queue_limit(&self) -> usize {
+        self.gate.queue_limit()
+    }
+
+    /// Changes how many requests may be in flight, e.g. from a controller
+    /// that backs off when the server throttles. Raising it admits waiting
+    /// requests at once, in order; lowering it never cancels running work
+    /// (slots are simply not handed on until fewer than `parallelism` run).
+    /// Zero is [`Error::InvalidConfig`] and changes nothing.
+    pub fn set_parallelism(&self, parallelism: usize) -> Result<(), Error> {
+        if parallelism == 0 {
+            return Err(Error::invalid_config(
+                "concurrency gate",
+                "parallelism must be at least 1",
+            ));
+        }
+        self.gate.set_parallelism(parallelism);
+        tracing::debug!(target: "tollgate::concurrency", parallelism, "parallelism changed");
+        Ok(())
+    }
+}
