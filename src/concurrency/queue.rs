@@ -6,9 +6,11 @@
 //! what it held, which is what makes every future of the gate cancel-safe.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 pub(crate) struct Gate {
     state: Mutex<State>,
@@ -20,12 +22,28 @@ pub(crate) struct Gate {
 struct State {
     parallelism: usize,
     in_flight: usize,
-    // Waiting tickets in arrival order, each with the waker of its future
-    // (none until first polled). Invariant: while any ticket waits,
+    // Waiting tickets in arrival order. Invariant: while any ticket waits,
     // `in_flight >= parallelism` (a freed slot goes straight to the front
-    // ticket), so a new arrival never overtakes the queue.
-    waiting: BTreeMap<u64, Option<Waker>>,
+    // ticket), so a new arrival never overtakes the queue. A ticket leaves
+    // the map either when it is handed a slot or when its future leaves.
+    waiting: BTreeMap<u64, Arc<Waiter>>,
     next_ticket: u64,
+}
+
+/// What a queued future and the gate share: the future polls `granted`
+/// without taking the gate's lock.
+#[derive(Debug, Default)]
+struct Waiter {
+    granted: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Waiter {
+    /// Hands this ticket a slot (its ticket is already out of the map).
+    fn grant(&self) {
+        self.granted.store(true, Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 /// What [`Gate::admit`] decided for one request.
@@ -74,10 +92,12 @@ impl Gate {
         if state.waiting.len() < self.queue_limit {
             let ticket = state.next_ticket;
             state.next_ticket += 1;
-            state.waiting.insert(ticket, None);
+            let waiter = Arc::new(Waiter::default());
+            state.waiting.insert(ticket, Arc::clone(&waiter));
             return Admission::Queued(Place {
                 gate: Arc::clone(self),
                 ticket,
+                waiter,
                 armed: true,
             });
         }
@@ -92,12 +112,10 @@ impl Gate {
         let mut state = self.lock();
         // `in_flight` still counts the slot being released.
         if state.in_flight <= state.parallelism {
-            if let Some((_, waker)) = state.waiting.pop_first() {
+            if let Some((_, waiter)) = state.waiting.pop_first() {
                 // The slot passes to that ticket: in_flight is unchanged.
                 drop(state);
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
+                waiter.grant();
                 return;
             }
         }
@@ -129,15 +147,15 @@ impl Gate {
             let mut state = self.lock();
             state.parallelism = parallelism;
             while state.in_flight < state.parallelism {
-                let Some((_, waker)) = state.waiting.pop_first() else {
+                let Some((_, waiter)) = state.waiting.pop_first() else {
                     break;
                 };
                 state.in_flight += 1;
-                woken.extend(waker);
+                woken.push(waiter);
             }
         }
-        for waker in woken {
-            waker.wake();
+        for waiter in woken {
+            waiter.grant();
         }
     }
 }
@@ -160,21 +178,23 @@ impl Drop for Slot {
 pub(crate) struct Place {
     gate: Arc<Gate>,
     ticket: u64,
+    waiter: Arc<Waiter>,
     armed: bool,
 }
 
 impl Place {
-    /// Ready once the ticket has been handed a slot.
+    /// Ready once the ticket has been handed a slot. Lock-free.
     pub(crate) fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut state = self.gate.lock();
-        match state.waiting.get_mut(&self.ticket) {
-            Some(waker) => {
-                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            None => Poll::Ready(()),
+        if self.waiter.granted.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waiter.waker.register(cx.waker());
+        // A grant between the first check and `register` woke no one: look
+        // again.
+        if self.waiter.granted.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
@@ -189,7 +209,10 @@ impl Place {
     /// Leaves the queue if still in it (`true`); `false` means a slot was
     /// handed over meanwhile, and the ticket still holds it.
     pub(crate) fn leave(&mut self) -> bool {
-        let left = self.gate.lock().waiting.remove(&self.ticket).is_some();
+        // Out of the map means handed a slot, even if `granted` is not set
+        // yet (the releaser sets it just after unlocking).
+        let left = !self.waiter.granted.load(Ordering::Acquire)
+            && self.gate.lock().waiting.remove(&self.ticket).is_some();
         if left {
             self.armed = false;
         }
@@ -221,14 +244,13 @@ impl std::fmt::Debug for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::task::Waker;
 
     fn gate(p: usize, q: usize) -> Arc<Gate> {
         Arc::new(Gate::new(p, q))
     }
 
     fn cx() -> Context<'static> {
-        Context::from_waker(Waker::noop())
+        Context::from_waker(std::task::Waker::noop())
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! The concurrency gate beside tower's `ConcurrencyLimit` and a bare
+//! `tokio::sync::Semaphore`: one request alone, and 64 tasks contending for
+//! 4 slots, in one criterion run.
+//!
+//! cargo bench --bench concurrency
+
+use std::future::Future;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+use tollgate::ConcurrencyGateLayer;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+/// An inner service that answers at once.
+fn instant() -> impl Service<
+    u32,
+    Response = u32,
+    Error = BoxError,
+    Future = impl Future<Output = Result<u32, BoxError>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(|id: u32| async move { Ok::<_, BoxError>(id) })
+}
+
+/// An inner service that yields once, so a slot is held across a
+/// scheduling point and other tasks really contend for it.
+fn yielding() -> impl Service<
+    u32,
+    Response = u32,
+    Error = BoxError,
+    Future = impl Future<Output = Result<u32, BoxError>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(|id: u32| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, BoxError>(id)
+    })
+}
+
+fn uncontended(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("one request, no contention");
+    group.bench_function("tokio Semaphore + service", |b| {
+        let semaphore = Arc::new(Semaphore::new(64));
+        let mut svc = instant();
+        b.iter(|| {
+            rt.block_on(async {
+                let permit = Arc::clone(&semaphore).acquire_owned().await.unwrap();
+                let out = svc.ready().await.unwrap().call(1).await.unwrap();
+                drop(permit);
+                out
+            })
+        });
+    });
+    group.bench_function("tower ConcurrencyLimit", |b| {
+        let mut svc = ConcurrencyLimitLayer::new(64).layer(instant());
+        b.iter(|| rt.block_on(async { svc.ready().await.unwrap().call(1).await.unwrap() }));
+    });
+    group.bench_function("tollgate ConcurrencyGate", |b| {
+        let mut svc = ConcurrencyGateLayer::new(64).layer(instant());
+        b.iter(|| rt.block_on(async { svc.ready().await.unwrap().call(1).await.unwrap() }));
+    });
+    group.finish();
+}
+
+const TASKS: u32 = 64;
+const EACH: u32 = 16;
+
+/// 64 tasks, each sending 16 requests through its own clone.
+fn contend<S>(rt: &Runtime, svc: &S)
+where
+    S: Service<u32, Response = u32, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    for id in 0..EACH {
+                        svc.ready().await.unwrap().call(id).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+}
+
+fn contended(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("64 tasks x 16 requests, 4 slots");
+    group.bench_function("tokio Semaphore + service", |b| {
+        let semaphore = Arc::new(Semaphore::new(4));
+        let svc = tower::service_fn(move |id: u32| {
+            let semaphore = Arc::clone(&semaphore);
+            async move {
+                let _permit = semaphore.acquire_owned().await.unwrap();
+                tokio::task::yield_now().await;
+                Ok::<_, BoxError>(id)
+            }
+        });
+        b.iter(|| contend(&rt, &svc));
+    });
+    group.bench_function("tower ConcurrencyLimit", |b| {
+        let svc = ConcurrencyLimitLayer::new(4).layer(yielding());
+        b.iter(|| contend(&rt, &svc));
+    });
+    group.bench_function("tollgate ConcurrencyGate (queue 1024)", |b| {
+        // Queue room for every task, so nothing is refused.
+        let svc = ConcurrencyGateLayer::new(4)
+            .queue_limit(1024)
+            .layer(yielding());
+        b.iter(|| contend(&rt, &svc));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, uncontended, contended);
+criterion_main!(benches);
