@@ -168,7 +168,7 @@ impl fmt::Debug for Bucket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::time::Duration;
@@ -218,6 +218,23 @@ mod tests {
         assert_eq!(bucket.acquire(&gcra, 0), Err(u64::MAX));
     }
 
+    /// The first window `[a, b]` of admission times (nanoseconds) holding
+    /// more than `burst + count * (b - a) / period` admissions, if any.
+    pub(crate) fn over_quota(admitted: &[u64], quota: &Quota) -> Option<(u64, u64)> {
+        let period = quota.period().as_nanos();
+        for (i, a) in admitted.iter().enumerate() {
+            for (j, b) in admitted.iter().enumerate().skip(i) {
+                let n = (j - i + 1) as u128;
+                let allowed = u128::from(quota.burst_size())
+                    + u128::from(quota.count()) * u128::from(b - a) / period;
+                if n > allowed {
+                    return Some((*a, *b));
+                }
+            }
+        }
+        None
+    }
+
     proptest! {
         /// Over any arrivals, the admitted requests in any window
         /// `[a, b]` never exceed `burst + count * (b - a) / period`.
@@ -240,14 +257,7 @@ mod tests {
                     admitted.push(now);
                 }
             }
-            for (i, a) in admitted.iter().enumerate() {
-                for (j, b) in admitted.iter().enumerate().skip(i) {
-                    let n = (j - i + 1) as u128;
-                    let allowed = u128::from(burst)
-                        + u128::from(count) * u128::from(b - a) / u128::from(period);
-                    prop_assert!(n <= allowed, "{} admitted in [{}, {}], allowed {}", n, a, b, allowed);
-                }
-            }
+            prop_assert_eq!(over_quota(&admitted, &quota), None);
         }
 
         /// A denial's `ready_at` is exact: admitted then, not a nanosecond before.
