@@ -65,12 +65,14 @@
 
 pub mod concurrency;
 mod error;
+mod ext;
 pub mod rate_limit;
 pub mod retry;
 pub mod testing;
 
 pub use concurrency::{ConcurrencyGate, ConcurrencyGateLayer};
 pub use error::Error;
+pub use ext::ServiceBuilderExt;
 pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};
 

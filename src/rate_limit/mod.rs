@@ -36,9 +36,13 @@
 //! [`max_wait`](RateLimitLayer::max_wait), a request whose token is further
 //! away fails at once with [`Error::RateLimited`](crate::Error::RateLimited).
 //!
-//! Waiters are not queued in order: when a token comes, the first to look
-//! takes it. FIFO order for a bounded number of waiters is the concurrency
-//! gate's job.
+//! Waiters are not queued in order: when a token comes, every waiter on the
+//! key wakes to look and the first takes it, so with `w` requests waiting on
+//! one connection a token costs `w` wake-ups. Keep `w` small with the
+//! concurrency gate in front (its `parallelism` bounds it), which is also
+//! where FIFO order is kept. (Measured in `tests/compose.rs`: 100,000
+//! requests through the whole stack took 40 s of CPU in a debug build with
+//! 100 waiters per connection, 4 s with 10.)
 //!
 //! # The bucket
 //!
