@@ -348,3 +348,25 @@ async fn clones_share_buckets_across_threads() {
     assert_eq!(handle.waiting(), 0);
     assert_eq!(server.count(), 1_000);
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiters_on_a_connection_are_served_in_order() {
+    let server = Script::new();
+    let client = limited(Quota::per_second(10).burst(1), &server);
+    let requests: Vec<Request<()>> = (0..12)
+        .map(|i| {
+            let mut request = to(&format!("http://crm.example/leads/{i}"));
+            request.extensions_mut().insert(ConnectionKey::new("a"));
+            request
+        })
+        .collect();
+    let started = Instant::now();
+    send_all(&client, requests).await;
+    let attempts = server.attempts();
+    let order: Vec<String> = attempts.iter().map(|a| a.uri.path().to_string()).collect();
+    let expected: Vec<String> = (0..12).map(|i| format!("/leads/{i}")).collect();
+    assert_eq!(order, expected, "served in arrival order");
+    let times: Vec<Duration> = attempts.iter().map(|a| a.at - started).collect();
+    assert_eq!(times, (0..12).map(|i| ms(100 * i)).collect::<Vec<_>>());
+    assert_eq!(client.handle().waiting(), 0);
+}

@@ -47,6 +47,11 @@ impl Gcra {
         }
     }
 
+    /// Nanoseconds between tokens.
+    pub(crate) fn interval(&self) -> u64 {
+        self.t
+    }
+
     /// The TAT that holds every request until `until`, then lets one
     /// through and refills from empty at the quota's rate.
     pub(crate) fn paused_until(&self, until: u64) -> u64 {
@@ -96,6 +101,14 @@ impl Tat {
     /// Holds the bucket until `until` (never shortening a longer pause).
     pub(crate) fn pause(&self, gcra: &Gcra, until: u64) {
         self.0.fetch_max(gcra.paused_until(until), Ordering::AcqRel);
+    }
+
+    /// When the next token is ready, seen at `now` (`now` if one is).
+    pub(crate) fn ready_at(&self, gcra: &Gcra, now: u64) -> u64 {
+        match gcra.admit(self.0.load(Ordering::Acquire), now) {
+            Ok(_) => now,
+            Err(ready_at) => ready_at,
+        }
     }
 
     /// True if the bucket is full at `now`: it then behaves exactly like a

@@ -1,5 +1,6 @@
 use std::fmt;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,28 +12,32 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep, Sleep};
 use tower::{BoxError, Service};
 
-use super::keyed::Figures;
 use super::service::Shared;
+use super::waitlist::Ticket;
 use crate::Error;
 
 pin_project! {
-    /// The response future of [`RateLimit`](super::RateLimit): waits for a
-    /// token from the request's bucket, sends the request, and applies any
-    /// cool-down its response asks for.
+    /// The response future of [`RateLimit`](super::RateLimit): waits its
+    /// turn for a token from the request's bucket, sends the request, and
+    /// applies any cool-down its response asks for.
     ///
     /// Cancel-safe: a token is taken in the same poll that sends the
-    /// request, so a future dropped while waiting has spent nothing.
+    /// request, so a future dropped while waiting has spent nothing, and its
+    /// place in line goes to the next request.
     pub struct ResponseFuture<S, B, K>
     where
         S: Service<Request<B>>,
+        K: Hash,
+        K: Eq,
+        K: Clone,
     {
         #[pin]
         state: State<S::Future>,
         // The ready service and the request, until the request is sent.
         pending: Option<(S, Request<B>)>,
         key: K,
-        // Counts this future in `waiting()` while it waits.
-        waiting: Option<Waiting>,
+        // The request's place in its connection's line, while it waits.
+        ticket: Option<Ticket<K>>,
         shared: Arc<Shared<K>>,
     }
 }
@@ -40,9 +45,11 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        // Trying the bucket.
-        Acquiring,
-        // Waiting until the bucket said a token would be ready.
+        // First look: straight to the bucket if no one waits on the key.
+        Arriving,
+        // In line: waiting to be first, then trying the bucket.
+        InLine,
+        // First in line, sleeping until the bucket's next token.
         Sleeping { #[pin] sleep: Sleep },
         // The request is with the inner service.
         Called { #[pin] future: F },
@@ -52,13 +59,14 @@ pin_project! {
 impl<S, B, K> ResponseFuture<S, B, K>
 where
     S: Service<Request<B>>,
+    K: Hash + Eq + Clone,
 {
     pub(super) fn new(service: S, request: Request<B>, key: K, shared: Arc<Shared<K>>) -> Self {
         ResponseFuture {
-            state: State::Acquiring,
+            state: State::Arriving,
             pending: Some((service, request)),
             key,
-            waiting: None,
+            ticket: None,
             shared,
         }
     }
@@ -68,67 +76,18 @@ impl<S, B, R, K> Future for ResponseFuture<S, B, K>
 where
     S: Service<Request<B>, Response = Response<R>>,
     S::Error: Into<BoxError>,
-    K: std::hash::Hash + Eq + Clone + fmt::Debug,
+    K: Hash + Eq + Clone + fmt::Debug,
 {
     type Output = Result<Response<R>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let buckets = match &this.shared.buckets {
+            Ok(buckets) => buckets,
+            Err(invalid) => return Poll::Ready(Err(invalid.clone().into())),
+        };
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Acquiring => {
-                    let buckets = match &this.shared.buckets {
-                        Ok(buckets) => buckets,
-                        Err(invalid) => return Poll::Ready(Err(invalid.clone().into())),
-                    };
-                    let now = buckets.now();
-                    match buckets.acquire_at(this.key, now) {
-                        Ok(()) => {
-                            *this.waiting = None;
-                            this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
-                            let (mut service, request) = this
-                                .pending
-                                .take()
-                                .expect("the request is sent once, from this state only");
-                            let future = service.call(request);
-                            this.state.set(State::Called { future });
-                        }
-                        Err(ready_at) => {
-                            let wait = Duration::from_nanos(ready_at - now);
-                            if this.shared.max_wait.is_some_and(|limit| wait > limit) {
-                                tracing::debug!(
-                                    target: "tollgate::rate_limit",
-                                    key = ?this.key,
-                                    ?wait,
-                                    "refused: the token is further away than max_wait"
-                                );
-                                let refusal = Error::RateLimited { retry_after: wait };
-                                return Poll::Ready(Err(refusal.into()));
-                            }
-                            if this.waiting.is_none() {
-                                *this.waiting = Some(Waiting::new(&this.shared.figures));
-                                tracing::debug!(
-                                    target: "tollgate::rate_limit",
-                                    key = ?this.key,
-                                    ?wait,
-                                    "waiting for a token"
-                                );
-                            } else {
-                                tracing::trace!(
-                                    target: "tollgate::rate_limit",
-                                    key = ?this.key,
-                                    ?wait,
-                                    "still waiting: the token went to another request"
-                                );
-                            }
-                            this.state.set(State::Sleeping { sleep: sleep(wait) });
-                        }
-                    }
-                }
-                StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
-                    this.state.set(State::Acquiring);
-                }
+            let first_look = match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
                     if let Ok(response) = &result {
@@ -137,30 +96,99 @@ where
                     }
                     return Poll::Ready(result);
                 }
+                StateProj::Sleeping { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::InLine);
+                    continue;
+                }
+                StateProj::InLine => {
+                    let ticket = this
+                        .ticket
+                        .as_ref()
+                        .expect("a request in line has a ticket");
+                    ready!(ticket.poll_head(cx));
+                    false
+                }
+                StateProj::Arriving => {
+                    if this.shared.waitlists.has_waiters(this.key) {
+                        // Others wait on this connection: queue behind them.
+                        let (ticket, ahead) = this.shared.waitlists.join(this.key);
+                        *this.ticket = Some(ticket);
+                        let now = buckets.now();
+                        let wait = buckets.wait_behind(this.key, now, ahead as u64);
+                        if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
+                            *this.ticket = None;
+                            return Poll::Ready(Err(refusal));
+                        }
+                        tracing::debug!(
+                            target: "tollgate::rate_limit",
+                            key = ?this.key,
+                            ahead,
+                            "waiting in line for a token"
+                        );
+                        this.state.set(State::InLine);
+                        continue;
+                    }
+                    true
+                }
+            };
+            // Nobody is ahead of this request: try the bucket.
+            let now = buckets.now();
+            match buckets.acquire_at(this.key, now) {
+                Ok(()) => {
+                    // Leaving the line wakes the next request in it.
+                    *this.ticket = None;
+                    this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
+                    let (mut service, request) = this
+                        .pending
+                        .take()
+                        .expect("the request is sent once, from this state only");
+                    let future = service.call(request);
+                    this.state.set(State::Called { future });
+                }
+                Err(ready_at) => {
+                    let wait = ready_at - now;
+                    if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
+                        *this.ticket = None;
+                        return Poll::Ready(Err(refusal));
+                    }
+                    if first_look {
+                        let (ticket, _) = this.shared.waitlists.join(this.key);
+                        *this.ticket = Some(ticket);
+                        tracing::debug!(
+                            target: "tollgate::rate_limit",
+                            key = ?this.key,
+                            wait = ?Duration::from_nanos(wait),
+                            "waiting for a token"
+                        );
+                    }
+                    let sleep = sleep(Duration::from_nanos(wait));
+                    this.state.set(State::Sleeping { sleep });
+                }
             }
         }
     }
 }
 
-/// Counts one future in `waiting()` for as long as it lives.
-struct Waiting(Arc<Figures>);
-
-impl Waiting {
-    fn new(figures: &Arc<Figures>) -> Self {
-        figures.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(Arc::clone(figures))
+/// `Error::RateLimited` if `wait` nanoseconds is more than `max_wait`.
+fn refuse<K: fmt::Debug>(max_wait: Option<Duration>, wait: u64, key: &K) -> Option<BoxError> {
+    let wait = Duration::from_nanos(wait);
+    if max_wait.is_some_and(|limit| wait > limit) {
+        tracing::debug!(
+            target: "tollgate::rate_limit",
+            ?key,
+            ?wait,
+            "refused: the token is further away than max_wait"
+        );
+        return Some(Error::RateLimited { retry_after: wait }.into());
     }
+    None
 }
 
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl<S, B, K: fmt::Debug> fmt::Debug for ResponseFuture<S, B, K>
+impl<S, B, K> fmt::Debug for ResponseFuture<S, B, K>
 where
     S: Service<Request<B>>,
+    K: Hash + Eq + Clone + fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")

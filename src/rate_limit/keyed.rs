@@ -201,6 +201,14 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         self.with_entry(key, now, |entry| entry.tat.acquire(&self.gcra, now))
     }
 
+    /// Nanoseconds from `now` until a request behind `ahead` others on
+    /// `key` would get its token, if each of them takes one first. Takes
+    /// nothing.
+    pub(crate) fn wait_behind(&self, key: &K, now: u64, ahead: u64) -> u64 {
+        let ready_at = self.with_entry(key, now, |entry| entry.tat.ready_at(&self.gcra, now));
+        (ready_at - now).saturating_add(ahead.saturating_mul(self.gcra.interval()))
+    }
+
     pub(crate) fn figures(&self) -> &Arc<Figures> {
         &self.figures
     }

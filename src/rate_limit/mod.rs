@@ -36,13 +36,10 @@
 //! [`max_wait`](RateLimitLayer::max_wait), a request whose token is further
 //! away fails at once with [`Error::RateLimited`](crate::Error::RateLimited).
 //!
-//! Waiters are not queued in order: when a token comes, every waiter on the
-//! key wakes to look and the first takes it, so with `w` requests waiting on
-//! one connection a token costs `w` wake-ups. Keep `w` small with the
-//! concurrency gate in front (its `parallelism` bounds it), which is also
-//! where FIFO order is kept. (Measured in `tests/compose.rs`: 100,000
-//! requests through the whole stack took 40 s of CPU in a debug build with
-//! 100 waiters per connection, 4 s with 10.)
+//! Requests waiting on one connection wait in line: only the first sleeps
+//! until its token, the others until the one ahead of them is served, so a
+//! token costs one wake-up however many wait, and they are served in order
+//! of arrival. A cool-down wakes only the first in line.
 //!
 //! # The bucket
 //!
@@ -90,6 +87,7 @@ mod keyed;
 mod layer;
 mod quota;
 mod service;
+mod waitlist;
 
 pub use bucket::Bucket;
 pub use future::ResponseFuture;

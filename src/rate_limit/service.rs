@@ -9,6 +9,7 @@ use tower::{BoxError, Service};
 
 use super::future::ResponseFuture;
 use super::keyed::{Buckets, Figures};
+use super::waitlist::WaitLists;
 use super::{ByConnection, KeyOf};
 use crate::{retry_after, Error};
 
@@ -30,6 +31,7 @@ where
 /// What every clone of one [`RateLimit`] and its futures share.
 pub(super) struct Shared<K> {
     pub(super) buckets: Result<Buckets<K>, Error>,
+    pub(super) waitlists: Arc<WaitLists<K>>,
     pub(super) figures: Arc<Figures>,
     pub(super) max_wait: Option<Duration>,
     pub(super) max_cool_down: Duration,
@@ -47,6 +49,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
         };
         Shared {
             buckets,
+            waitlists: Arc::new(WaitLists::new(Arc::clone(&figures))),
             figures,
             max_wait,
             max_cool_down,
