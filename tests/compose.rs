@@ -20,6 +20,14 @@ const fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
+/// Fails the test instead of hanging it if a waiter is never woken: under
+/// paused time the limit passes at once once everything else is stuck.
+async fn watchdog(limit: Duration, test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(limit, test)
+        .await
+        .expect("the test hung: a waiter was never woken");
+}
+
 type Stack<S> = ConcurrencyGate<Retry<RateLimit<S>>>;
 
 fn stack(
@@ -50,120 +58,132 @@ fn arrivals(server: &Script, start: Instant) -> Vec<(String, Duration)> {
 
 #[tokio::test(start_paused = true)]
 async fn a_request_keeps_its_slot_while_it_sleeps_before_a_retry() {
-    let server = Script::new().reply(429).reply(200);
-    let client = stack(
-        ConcurrencyGateLayer::new(1),
-        Backoff::fixed(secs(10)),
-        Quota::per_second(1_000),
-        &server,
-    );
-    let gate = client.handle();
-    let start = Instant::now();
-    let a = tokio::spawn(client.clone().oneshot(get("http://crm.example/a")));
-    tokio::task::yield_now().await;
-    let b = tokio::spawn(client.clone().oneshot(get("http://crm.example/b")));
-    tokio::time::sleep(secs(5)).await;
-    // A sleeps before its retry, still counted in flight; B waits its turn.
-    assert_eq!((gate.in_flight(), gate.queued()), (1, 1));
-    assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
-    assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
-    assert_eq!(
-        arrivals(&server, start),
-        [
-            ("http://crm.example/a".into(), Duration::ZERO),
-            ("http://crm.example/a".into(), secs(10)),
-            ("http://crm.example/b".into(), secs(10)),
-        ]
-    );
+    watchdog(secs(3_600), async {
+        let server = Script::new().reply(429).reply(200);
+        let client = stack(
+            ConcurrencyGateLayer::new(1),
+            Backoff::fixed(secs(10)),
+            Quota::per_second(1_000),
+            &server,
+        );
+        let gate = client.handle();
+        let start = Instant::now();
+        let a = tokio::spawn(client.clone().oneshot(get("http://crm.example/a")));
+        tokio::task::yield_now().await;
+        let b = tokio::spawn(client.clone().oneshot(get("http://crm.example/b")));
+        tokio::time::sleep(secs(5)).await;
+        // A sleeps before its retry, still counted in flight; B waits its turn.
+        assert_eq!((gate.in_flight(), gate.queued()), (1, 1));
+        assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            arrivals(&server, start),
+            [
+                ("http://crm.example/a".into(), Duration::ZERO),
+                ("http://crm.example/a".into(), secs(10)),
+                ("http://crm.example/b".into(), secs(10)),
+            ]
+        );
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_spend_tokens_like_first_tries() {
-    let server = Script::new().reply(503).reply(200);
-    // The policy would retry at once; the connection's bucket says 1 s.
-    let client = stack(
-        ConcurrencyGateLayer::new(4),
-        Backoff::fixed(Duration::ZERO),
-        Quota::per_second(1).burst(1),
-        &server,
-    );
-    let response = client
-        .clone()
-        .oneshot(get("http://crm.example/"))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(server.waits(), [secs(1)]);
-    assert_eq!(client.get_ref().get_ref().handle().admitted(), 2);
+    watchdog(secs(3_600), async {
+        let server = Script::new().reply(503).reply(200);
+        // The policy would retry at once; the connection's bucket says 1 s.
+        let client = stack(
+            ConcurrencyGateLayer::new(4),
+            Backoff::fixed(Duration::ZERO),
+            Quota::per_second(1).burst(1),
+            &server,
+        );
+        let response = client
+            .clone()
+            .oneshot(get("http://crm.example/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(server.waits(), [secs(1)]);
+        assert_eq!(client.get_ref().get_ref().handle().admitted(), 2);
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_429_on_one_connection_delays_that_connection_only() {
-    let server = Script::new()
-        .reply(Reply::status(429).retry_after(secs(10)))
-        .reply(200);
-    let client = stack(
-        ConcurrencyGateLayer::new(10),
-        Backoff::fixed(secs(1)),
-        Quota::per_second(100),
-        &server,
-    );
-    let start = Instant::now();
-    let first = tokio::spawn(client.clone().oneshot(get("http://a.example/1")));
-    tokio::task::yield_now().await;
-    // Connection a is cooling down now; b is not.
-    let (second, other) = tokio::join!(
-        client.clone().oneshot(get("http://a.example/2")),
-        client.clone().oneshot(get("http://b.example/1")),
-    );
-    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
-    assert_eq!(second.unwrap().status(), StatusCode::OK);
-    assert_eq!(other.unwrap().status(), StatusCode::OK);
-    let seen = arrivals(&server, start);
-    let at = |host: &str| {
-        let mut times: Vec<Duration> = seen
-            .iter()
-            .filter(|(uri, _)| uri.contains(host))
-            .map(|(_, at)| *at)
-            .collect();
-        times.sort();
-        times
-    };
-    // b never waited. On a: the first try; then its retry (max(1 s,
-    // Retry-After 10 s)) and the other request, never throttled itself, both
-    // held by the cool-down until 10 s, when a restarts from one token and
-    // refills at 100/s.
-    assert_eq!(at("b.example"), [Duration::ZERO]);
-    assert_eq!(
-        at("a.example"),
-        [
-            Duration::ZERO,
-            secs(10),
-            secs(10) + Duration::from_millis(10)
-        ]
-    );
+    watchdog(secs(3_600), async {
+        let server = Script::new()
+            .reply(Reply::status(429).retry_after(secs(10)))
+            .reply(200);
+        let client = stack(
+            ConcurrencyGateLayer::new(10),
+            Backoff::fixed(secs(1)),
+            Quota::per_second(100),
+            &server,
+        );
+        let start = Instant::now();
+        let first = tokio::spawn(client.clone().oneshot(get("http://a.example/1")));
+        tokio::task::yield_now().await;
+        // Connection a is cooling down now; b is not.
+        let (second, other) = tokio::join!(
+            client.clone().oneshot(get("http://a.example/2")),
+            client.clone().oneshot(get("http://b.example/1")),
+        );
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(second.unwrap().status(), StatusCode::OK);
+        assert_eq!(other.unwrap().status(), StatusCode::OK);
+        let seen = arrivals(&server, start);
+        let at = |host: &str| {
+            let mut times: Vec<Duration> = seen
+                .iter()
+                .filter(|(uri, _)| uri.contains(host))
+                .map(|(_, at)| *at)
+                .collect();
+            times.sort();
+            times
+        };
+        // b never waited. On a: the first try; then its retry (max(1 s,
+        // Retry-After 10 s)) and the other request, never throttled itself, both
+        // held by the cool-down until 10 s, when a restarts from one token and
+        // refills at 100/s.
+        assert_eq!(at("b.example"), [Duration::ZERO]);
+        assert_eq!(
+            at("a.example"),
+            [
+                Duration::ZERO,
+                secs(10),
+                secs(10) + Duration::from_millis(10)
+            ]
+        );
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn queue_full_is_immediate_while_retries_sleep() {
-    let server = Script::new().reply(429).reply(200);
-    let client = stack(
-        ConcurrencyGateLayer::new(1).queue_limit(0),
-        Backoff::fixed(secs(10)),
-        Quota::per_second(100),
-        &server,
-    );
-    let sleeping = tokio::spawn(client.clone().oneshot(get("http://crm.example/a")));
-    tokio::time::sleep(secs(1)).await;
-    let started = Instant::now();
-    let error = client
-        .clone()
-        .oneshot(get("http://crm.example/b"))
-        .await
-        .unwrap_err();
-    assert_eq!(started.elapsed(), Duration::ZERO);
-    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::QueueFull));
-    assert_eq!(sleeping.await.unwrap().unwrap().status(), StatusCode::OK);
+    watchdog(secs(3_600), async {
+        let server = Script::new().reply(429).reply(200);
+        let client = stack(
+            ConcurrencyGateLayer::new(1).queue_limit(0),
+            Backoff::fixed(secs(10)),
+            Quota::per_second(100),
+            &server,
+        );
+        let sleeping = tokio::spawn(client.clone().oneshot(get("http://crm.example/a")));
+        tokio::time::sleep(secs(1)).await;
+        let started = Instant::now();
+        let error = client
+            .clone()
+            .oneshot(get("http://crm.example/b"))
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(error.downcast_ref::<Error>(), Some(&Error::QueueFull));
+        assert_eq!(sleeping.await.unwrap().unwrap().status(), StatusCode::OK);
+    })
+    .await;
 }
 
 /// A server that accepts `per_second` requests a second and answers the
@@ -208,63 +228,66 @@ impl Service<Request<()>> for Capacity {
 
 #[tokio::test(start_paused = true)]
 async fn a_hundred_thousand_requests_and_none_lost() {
-    const TOTAL: usize = 100_000;
-    let server = Capacity {
-        window: Arc::new(Mutex::new((Instant::now(), 0))),
-        per_second: 500,
-    };
-    let client = ServiceBuilder::new()
-        .concurrency_gate(25) // Power Automate's default: 25 in flight, 35 waiting
-        .retry_backoff(
-            Backoff::exponential(Duration::from_millis(200))
-                .max_retries(6)
-                .jitter(Jitter::Full)
-                .seed(7),
-        )
-        .rate_limit_per_connection(Quota::per_second(450))
-        .service(server);
-    let gate = client.handle();
-    // 70 callers at a time, more than the gate holds (60), so some are
-    // refused; a refused caller backs off a second before it ends, as a
-    // real importer would, instead of being replaced at once.
-    let outcomes: Vec<Result<StatusCode, BoxError>> = stream::iter(0..TOTAL)
-        .map(|i| {
-            let client = client.clone();
-            async move {
-                let request = get(&format!("http://crm.example/leads/{i}"));
-                let outcome = client.oneshot(request).await.map(|r| r.status());
-                if outcome.is_err() {
-                    tokio::time::sleep(secs(1)).await;
+    watchdog(secs(3_600), async {
+        const TOTAL: usize = 100_000;
+        let server = Capacity {
+            window: Arc::new(Mutex::new((Instant::now(), 0))),
+            per_second: 500,
+        };
+        let client = ServiceBuilder::new()
+            .concurrency_gate(25) // Power Automate's default: 25 in flight, 35 waiting
+            .retry_backoff(
+                Backoff::exponential(Duration::from_millis(200))
+                    .max_retries(6)
+                    .jitter(Jitter::Full)
+                    .seed(7),
+            )
+            .rate_limit_per_connection(Quota::per_second(450))
+            .service(server);
+        let gate = client.handle();
+        // 70 callers at a time, more than the gate holds (60), so some are
+        // refused; a refused caller backs off a second before it ends, as a
+        // real importer would, instead of being replaced at once.
+        let outcomes: Vec<Result<StatusCode, BoxError>> = stream::iter(0..TOTAL)
+            .map(|i| {
+                let client = client.clone();
+                async move {
+                    let request = get(&format!("http://crm.example/leads/{i}"));
+                    let outcome = client.oneshot(request).await.map(|r| r.status());
+                    if outcome.is_err() {
+                        tokio::time::sleep(secs(1)).await;
+                    }
+                    outcome
                 }
-                outcome
-            }
-        })
-        .buffer_unordered(70)
-        .collect()
-        .await;
+            })
+            .buffer_unordered(70)
+            .collect()
+            .await;
 
-    let (mut ok, mut throttled, mut refused) = (0, 0, 0);
-    for outcome in &outcomes {
-        match outcome {
-            Ok(StatusCode::OK) => ok += 1,
-            Ok(StatusCode::TOO_MANY_REQUESTS) => throttled += 1,
-            Ok(other) => panic!("unexpected status {other}"),
-            Err(error) => match error.downcast_ref::<Error>() {
-                Some(Error::QueueFull) => refused += 1,
-                _ => panic!("an error that is not ours: {error}"),
-            },
+        let (mut ok, mut throttled, mut refused) = (0, 0, 0);
+        for outcome in &outcomes {
+            match outcome {
+                Ok(StatusCode::OK) => ok += 1,
+                Ok(StatusCode::TOO_MANY_REQUESTS) => throttled += 1,
+                Ok(other) => panic!("unexpected status {other}"),
+                Err(error) => match error.downcast_ref::<Error>() {
+                    Some(Error::QueueFull) => refused += 1,
+                    _ => panic!("an error that is not ours: {error}"),
+                },
+            }
         }
-    }
-    assert_eq!(
-        ok + throttled + refused,
-        TOTAL,
-        "every request ended somehow"
-    );
-    assert_eq!(refused as u64, gate.refused());
-    assert!(
-        ok > TOTAL / 2,
-        "ok {ok}, throttled {throttled}, refused {refused}"
-    );
-    assert!(refused > 0, "the gate refused some: {refused}");
-    assert_eq!((gate.in_flight(), gate.queued()), (0, 0));
+        assert_eq!(
+            ok + throttled + refused,
+            TOTAL,
+            "every request ended somehow"
+        );
+        assert_eq!(refused as u64, gate.refused());
+        assert!(
+            ok > TOTAL / 2,
+            "ok {ok}, throttled {throttled}, refused {refused}"
+        );
+        assert!(refused > 0, "the gate refused some: {refused}");
+        assert_eq!((gate.in_flight(), gate.queued()), (0, 0));
+    })
+    .await;
 }

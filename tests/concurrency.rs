@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use tokio::time::Instant;
 use tollgate::concurrency::ConcurrencyGateHandle;
 use tollgate::{ConcurrencyGate, ConcurrencyGateLayer, Error};
@@ -81,6 +80,22 @@ async fn watchdog(limit: Duration, test: impl Future<Output = ()>) {
         .expect("the test hung: a slot or queue place leaked");
 }
 
+/// Sends `ids` at once, each as its own task (its own waker: a lost
+/// wake-up hangs it, which the watchdog reports), in order.
+async fn run_all(
+    client: &ConcurrencyGate<Probe>,
+    ids: std::ops::Range<u32>,
+) -> Vec<Result<u32, BoxError>> {
+    let tasks: Vec<_> = ids
+        .map(|id| tokio::spawn(client.clone().oneshot(id)))
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
 fn is(error: &BoxError, want: &Error) -> bool {
     error.downcast_ref::<Error>() == Some(want)
 }
@@ -104,7 +119,7 @@ async fn parallelism_in_flight_and_no_more() {
     watchdog(secs(600), async {
         let (client, probe) = gate(ConcurrencyGateLayer::new(3), secs(1));
         let started = Instant::now();
-        let results = join_all((0..9).map(|id| client.clone().oneshot(id))).await;
+        let results = run_all(&client, 0..9).await;
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(probe.most.load(Ordering::SeqCst), 3);
         // Nine one-second requests, three at a time.
@@ -117,7 +132,7 @@ async fn parallelism_in_flight_and_no_more() {
 async fn waiters_are_admitted_in_arrival_order() {
     watchdog(secs(600), async {
         let (client, probe) = gate(ConcurrencyGateLayer::new(1).queue_limit(50), secs(1));
-        let results = join_all((0..40).map(|id| client.clone().oneshot(id))).await;
+        let results = run_all(&client, 0..40).await;
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(*probe.order.lock().unwrap(), (0..40).collect::<Vec<_>>());
     })
@@ -170,7 +185,7 @@ async fn queue_timeout_fails_waiters_not_admitted_in_time() {
         let (client, _probe) = gate(layer, secs(4));
         let handle = client.handle();
         let started = Instant::now();
-        let results = join_all((0..3).map(|id| client.clone().oneshot(id))).await;
+        let results = run_all(&client, 0..3).await;
         // 0 runs 0-4 s; 1 is admitted at 4 s (< 5 s) and runs to 8 s; 2 gives
         // up at 5 s.
         assert_eq!(results[0].as_ref().unwrap(), &0);
