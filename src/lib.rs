@@ -63,6 +63,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod builder;
 pub mod concurrency;
 mod error;
 mod ext;
@@ -70,6 +71,7 @@ pub mod rate_limit;
 pub mod retry;
 pub mod testing;
 
+pub use builder::{Tollgate, TollgateBuilder, TollgateLayer, TollgateService};
 pub use concurrency::{ConcurrencyGate, ConcurrencyGateLayer};
 pub use error::Error;
 pub use ext::ServiceBuilderExt;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tollgate::testing::{Reply, Script, ScriptService};
 use tollgate::{
     Backoff, ConcurrencyGate, ConcurrencyGateLayer, Error, Jitter, Quota, RateLimit, Retry,
-    ServiceBuilderExt,
+    ServiceBuilderExt, Tollgate,
 };
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
@@ -288,6 +288,94 @@ async fn a_hundred_thousand_requests_and_none_lost() {
         );
         assert!(refused > 0, "the gate refused some: {refused}");
         assert_eq!((gate.in_flight(), gate.queued()), (0, 0));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_builder_defaults_are_the_documented_ones() {
+    watchdog(secs(3_600), async {
+        let server = Script::new();
+        let client = Tollgate::builder().build(server.service()).unwrap();
+        let gate = client.handle();
+        assert_eq!((gate.parallelism(), gate.queue_limit()), (25, 35));
+        let retry = client.get_ref();
+        assert_eq!(retry.get_ref().handle().keys(), 0);
+    })
+    .await;
+}
+
+#[test]
+fn the_builder_refuses_invalid_settings() {
+    let invalid = |builder: tollgate::TollgateBuilder| {
+        matches!(builder.layer(), Err(Error::InvalidConfig { .. }))
+    };
+    assert!(invalid(Tollgate::builder().parallelism(0)));
+    assert!(invalid(
+        Tollgate::builder().per_connection(Quota::per_second(0))
+    ));
+    assert!(invalid(
+        Tollgate::builder().per_connection(Quota::new(1, Duration::ZERO))
+    ));
+    assert!(invalid(
+        Tollgate::builder().retry(Backoff::exponential(Duration::ZERO))
+    ));
+    assert!(invalid(
+        Tollgate::builder().retry(
+            Backoff::fixed(secs(1))
+                .min_delay(secs(9))
+                .max_delay(secs(2))
+        )
+    ));
+    assert!(invalid(Tollgate::builder().max_keys(0)));
+    assert!(Tollgate::builder().queue_limit(0).layer().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_stack_cools_a_connection_down_without_a_quota() {
+    watchdog(secs(3_600), async {
+        let server = Script::new()
+            .reply(Reply::status(429).retry_after(secs(10)))
+            .reply(200);
+        let client = Tollgate::builder().build(server.service()).unwrap();
+        let start = Instant::now();
+        let first = tokio::spawn(client.clone().oneshot(get("http://crm.example/1")));
+        tokio::task::yield_now().await;
+        let second = tokio::spawn(client.clone().oneshot(get("http://crm.example/2")));
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(second.await.unwrap().unwrap().status(), StatusCode::OK);
+        // The retry waits max(power_automate's 5-7.5 s, 10 s); the other
+        // request on the connection waits the cool-down out too. After it the
+        // connection restarts from one token; under the unlimited quota the
+        // next is a nanosecond later, which tokio's timer rounds to 1 ms.
+        let mut times: Vec<Duration> = arrivals(&server, start).iter().map(|a| a.1).collect();
+        times.sort();
+        assert_eq!(
+            times,
+            [
+                Duration::ZERO,
+                secs(10),
+                secs(10) + Duration::from_millis(1)
+            ]
+        );
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_builder_layer_is_the_same_stack() {
+    watchdog(secs(3_600), async {
+        let server = Script::new().reply(503).reply(200);
+        let layer = Tollgate::builder()
+            .parallelism(2)
+            .retry(Backoff::fixed(secs(3)))
+            .layer()
+            .unwrap();
+        let client = ServiceBuilder::new().layer(layer).service(server.service());
+        assert_eq!(client.handle().parallelism(), 2);
+        let response = client.oneshot(get("http://crm.example/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(server.waits(), [secs(3)]);
     })
     .await;
 }

@@ -59,6 +59,20 @@ impl Quota {
         Self::new(count, Duration::from_secs(60))
     }
 
+    /// No limit of its own: a billion requests a second, four billion at
+    /// once. A connection under it still pauses when its server answers
+    /// 429/503 with `Retry-After` (the cool-down), which is why
+    /// [`Tollgate`](crate::Tollgate) uses it when no quota is set. Its
+    /// buckets are full again a nanosecond after use, so the store drops
+    /// them at once unless a cool-down holds them.
+    pub const fn unlimited() -> Self {
+        Quota {
+            count: u32::MAX,
+            period: Duration::from_nanos(1),
+            burst: u32::MAX,
+        }
+    }
+
     /// The bucket size: how many requests may go at once after a quiet
     /// spell (default: the count, so a full period's worth).
     pub const fn burst(mut self, burst: u32) -> Self {
@@ -117,6 +131,12 @@ mod tests {
         assert!(Quota::per_second(5).burst(0).validate().is_err());
         assert_eq!(Quota::per_second(0).emission_interval(), None);
         assert!(Quota::per_second(5).validate().is_ok());
+    }
+
+    #[test]
+    fn unlimited_is_valid_and_one_nanosecond_a_token() {
+        assert!(Quota::unlimited().validate().is_ok());
+        assert_eq!(Quota::unlimited().emission_interval(), Some(1));
     }
 
     #[test]

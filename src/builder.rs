@@ -1,0 +1,260 @@
+//! `Tollgate`: the default stack in one builder.
+
+use std::time::Duration;
+
+use tower::Layer;
+
+use crate::rate_limit::{ByConnection, KeyOf};
+use crate::{
+    Backoff, ConcurrencyGate, ConcurrencyGateLayer, Error, Quota, RateLimit, RateLimitLayer, Retry,
+    RetryLayer,
+};
+
+/// The entry point to the default stack around an HTTP client, outside in:
+/// the concurrency gate, retry, and per-connection rate limiting.
+///
+/// ```text
+/// caller ──► ConcurrencyGate ──► Retry ──► RateLimit (per connection) ──► client
+/// ```
+///
+/// The gate is outermost so a request keeps its slot through its retries;
+/// every retry passes its connection's bucket; a 429 on one request pauses
+/// its whole connection.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::testing::Script;
+/// use tollgate::{Backoff, Quota, Tollgate};
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// let server = Script::new(); // or a hyper-util client
+/// let client = Tollgate::builder()
+///     .parallelism(10)
+///     .per_connection(Quota::per_minute(600))
+///     .retry(Backoff::power_automate())
+///     .deadline(Duration::from_secs(120))
+///     .build(server.service())?;
+/// client.oneshot(http::Request::new(())).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Tollgate(());
+
+impl Tollgate {
+    /// A builder with the defaults in [`TollgateBuilder`]'s docs.
+    pub fn builder() -> TollgateBuilder {
+        TollgateBuilder::new()
+    }
+}
+
+/// The service [`TollgateBuilder::build`] makes around a client `S`.
+pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<S, F>>>;
+
+/// Builds the default stack; made by [`Tollgate::builder`].
+///
+/// Defaults, each the layer's own:
+///
+/// | setting | default | why |
+/// |---|---|---|
+/// | `parallelism` | 25 | Power Automate's default trigger concurrency |
+/// | `queue_limit` | `10 + parallelism` | Power Automate's waiting-run queue |
+/// | `queue_timeout` | none | the queue is bounded, so is the wait |
+/// | `per_connection` | [`Quota::unlimited`] | no limit of its own, but a 429/503 with `Retry-After` still pauses the connection |
+/// | `retry` | [`Backoff::power_automate`] | the Logic Apps / Power Automate default policy |
+/// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
+/// | `deadline` | none | bound attempts with a timeout layer inside if needed |
+#[derive(Clone)]
+pub struct TollgateBuilder<F = ByConnection> {
+    parallelism: usize,
+    queue_limit: Option<usize>,
+    queue_timeout: Option<Duration>,
+    quota: Quota,
+    key_of: F,
+    max_keys: usize,
+    backoff: Backoff,
+    max_retry_after: Duration,
+    deadline: Option<Duration>,
+}
+
+/// The layers of the [`Tollgate`] stack as one `tower::Layer`, made by
+/// [`TollgateBuilder::layer`]. Each `layer()` call builds a new gate and new
+/// buckets; clone the service to share them.
+#[derive(Clone, Debug)]
+pub struct TollgateLayer<F = ByConnection> {
+    gate: ConcurrencyGateLayer,
+    retry: RetryLayer,
+    rate_limit: RateLimitLayer<F>,
+}
+
+impl<S, F: KeyOf + Clone> Layer<S> for TollgateLayer<F> {
+    type Service = TollgateService<S, F>;
+
+    fn layer(&self, client: S) -> TollgateService<S, F> {
+        self.gate
+            .layer(self.retry.layer(self.rate_limit.layer(client)))
+    }
+}
+
+impl TollgateBuilder {
+    /// The defaults in this type's docs.
+    pub fn new() -> Self {
+        const PARALLELISM: usize = 25;
+        TollgateBuilder {
+            parallelism: PARALLELISM,
+            queue_limit: None,
+            queue_timeout: None,
+            quota: Quota::unlimited(),
+            key_of: ByConnection,
+            max_keys: RateLimitLayer::DEFAULT_MAX_KEYS,
+            backoff: Backoff::power_automate(),
+            max_retry_after: RetryLayer::DEFAULT_MAX_RETRY_AFTER,
+            deadline: None,
+        }
+    }
+}
+
+impl Default for TollgateBuilder {
+    fn default() -> Self {
+        TollgateBuilder::new()
+    }
+}
+
+impl<F> TollgateBuilder<F> {
+    /// Requests in flight at once (see [`ConcurrencyGateLayer::new`]).
+    pub fn parallelism(mut self, parallelism: usize) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// Requests that may wait for a slot (see
+    /// [`ConcurrencyGateLayer::queue_limit`]).
+    pub fn queue_limit(mut self, limit: usize) -> Self {
+        self.queue_limit = Some(limit);
+        self
+    }
+
+    /// How long a request may wait for a slot (see
+    /// [`ConcurrencyGateLayer::queue_timeout`]).
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = Some(timeout);
+        self
+    }
+
+    /// Each connection's quota (see [`RateLimitLayer::per_connection`]).
+    pub fn per_connection(mut self, quota: Quota) -> Self {
+        self.quota = quota;
+        self
+    }
+
+    /// Keys buckets by another rule than the connection (see
+    /// [`RateLimitLayer::key_by`]).
+    pub fn key_by<G: KeyOf>(self, key_of: G) -> TollgateBuilder<G> {
+        TollgateBuilder {
+            parallelism: self.parallelism,
+            queue_limit: self.queue_limit,
+            queue_timeout: self.queue_timeout,
+            quota: self.quota,
+            key_of,
+            max_keys: self.max_keys,
+            backoff: self.backoff,
+            max_retry_after: self.max_retry_after,
+            deadline: self.deadline,
+        }
+    }
+
+    /// Keys (connections) tracked at most (see [`RateLimitLayer::max_keys`]).
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys;
+        self
+    }
+
+    /// The retry schedule (see [`RetryLayer::new`]).
+    pub fn retry(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The longest `Retry-After` a retry waits for (see
+    /// [`RetryLayer::max_retry_after`]).
+    pub fn max_retry_after(mut self, limit: Duration) -> Self {
+        self.max_retry_after = limit;
+        self
+    }
+
+    /// The time budget of one request's retries (see
+    /// [`RetryLayer::deadline`]).
+    pub fn deadline(mut self, budget: Duration) -> Self {
+        self.deadline = Some(budget);
+        self
+    }
+
+    /// The stack as one `tower::Layer`, or [`Error::InvalidConfig`] for a
+    /// zero parallelism, an invalid quota or backoff, or zero `max_keys`.
+    pub fn layer(self) -> Result<TollgateLayer<F>, Error>
+    where
+        F: KeyOf,
+    {
+        if self.parallelism == 0 {
+            return Err(Error::invalid_config(
+                "concurrency gate",
+                "parallelism must be at least 1",
+            ));
+        }
+        if self.max_keys == 0 {
+            return Err(Error::invalid_config(
+                "rate limit",
+                "max_keys must be at least 1",
+            ));
+        }
+        self.quota.validate()?;
+        self.backoff.validate()?;
+        let mut gate = ConcurrencyGateLayer::new(self.parallelism);
+        if let Some(limit) = self.queue_limit {
+            gate = gate.queue_limit(limit);
+        }
+        if let Some(timeout) = self.queue_timeout {
+            gate = gate.queue_timeout(timeout);
+        }
+        let mut retry = RetryLayer::new(self.backoff).max_retry_after(self.max_retry_after);
+        if let Some(budget) = self.deadline {
+            retry = retry.deadline(budget);
+        }
+        let rate_limit = RateLimitLayer::per_connection(self.quota)
+            .max_keys(self.max_keys)
+            .max_cool_down(self.max_retry_after)
+            .key_by(self.key_of);
+        Ok(TollgateLayer {
+            gate,
+            retry,
+            rate_limit,
+        })
+    }
+
+    /// The stack around `client`, or [`Error::InvalidConfig`] (see
+    /// [`layer`](TollgateBuilder::layer)).
+    pub fn build<S>(self, client: S) -> Result<TollgateService<S, F>, Error>
+    where
+        F: KeyOf + Clone,
+    {
+        Ok(self.layer()?.layer(client))
+    }
+}
+
+impl<F> std::fmt::Debug for TollgateBuilder<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TollgateBuilder")
+            .field("parallelism", &self.parallelism)
+            .field("queue_limit", &self.queue_limit)
+            .field("queue_timeout", &self.queue_timeout)
+            .field("quota", &self.quota)
+            .field("key_of", &std::any::type_name::<F>())
+            .field("max_keys", &self.max_keys)
+            .field("backoff", &self.backoff)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
