@@ -50,6 +50,33 @@
 //! # }
 //! ```
 //!
+//! # Which layer do I need?
+//!
+//! | symptom | layer |
+//! |---|---|
+//! | the server answers 429/503 and my retries ignore its `Retry-After` | [`RetryLayer`] |
+//! | one throttled request should pause every request on that connection | [`RateLimitLayer`] |
+//! | the server (or API) has a documented quota per connection, key or tenant | [`RateLimitLayer`] with a [`Quota`] |
+//! | a burst of work must not all hit the server at once, and overload should be refused | [`ConcurrencyGateLayer`] |
+//! | all of it, with defaults from Power Automate | [`Tollgate::builder`] |
+//!
+//! # The default stack
+//!
+//! ```text
+//! caller ──► ConcurrencyGate ──► Retry ──► RateLimit (per connection) ──► HTTP client
+//!            p in flight,         backoff,    token bucket per key,
+//!            queue 10 + p,        max(policy, cool-down on 429/503
+//!            refuse beyond        Retry-After)  with Retry-After
+//! ```
+//!
+//! The gate is outermost, so a request keeps its slot through its retries
+//! and overload is refused at the door, at once, with a typed error. Every
+//! attempt passes its connection's bucket, so retries spend quota like
+//! first tries. A 429 with `Retry-After` on one request pauses its whole
+//! connection, instead of each request earning its own 429. Build it with
+//! [`Tollgate::builder`] or [`ServiceBuilderExt`]; each layer also stands
+//! alone.
+//!
 //! Errors of tollgate's own are [`Error`]; services return
 //! [`tower::BoxError`], from which `downcast_ref::<tollgate::Error>()`
 //! recovers them.
