@@ -17,8 +17,10 @@
 //!
 //! At no instant are more than `parallelism + queue_limit` requests inside
 //! the gate: each decision is made under one lock. tower's
-//! `ConcurrencyLimit` queues without bound, and `LoadShed` in front of
-//! `Buffer` and `ConcurrencyLimit` admits a fuzzy `N + 2` (tower#793); .NET's
+//! `ConcurrencyLimit` queues without bound; the usual advice, `LoadShed` in
+//! front of it (tower#793), refuses whenever any inner service is not ready
+//! rather than when a queue is full, and with a `Buffer` between them can
+//! refuse with permits to spare (apollographql/router#9034). .NET's
 //! `ConcurrencyLimiter` has a `QueueLimit`, which this matches.
 //!
 //! Slots and queue places are owned guards held by the response future, so
