@@ -4,9 +4,11 @@
 //!
 //! | header | unit | sent by |
 //! |---|---|---|
-//! | `retry-after-ms` | milliseconds | Azure services, Azure SDKs |
-//! | `x-ms-retry-after-ms` | milliseconds | Azure Storage, Cosmos DB, Microsoft Graph |
+//! | `retry-after-ms` | milliseconds | Azure services |
+//! | `x-ms-retry-after-ms` | milliseconds | Azure services (Cosmos DB among them) |
 //! | `Retry-After` | delay-seconds or HTTP-date (RFC 9110 §10.2.3) | everyone |
+//!
+//! The Azure SDKs read all three in this order (e.g. Azure/azure-sdk-for-net#5938).
 //!
 //! The millisecond headers win when they hold a valid value, because they are
 //! more precise; `retry-after-ms` wins over `x-ms-retry-after-ms`. A malformed
@@ -42,8 +44,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 /// `retry-after-ms`: milliseconds, sent by Azure services.
 pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 
-/// `x-ms-retry-after-ms`: milliseconds, sent by Azure Storage, Cosmos DB and
-/// Microsoft Graph.
+/// `x-ms-retry-after-ms`: milliseconds, sent by Azure services such as
+/// Cosmos DB.
 pub const X_MS_RETRY_AFTER_MS: HeaderName = HeaderName::from_static("x-ms-retry-after-ms");
 
 /// Longest header value read; anything longer is treated as malformed so
