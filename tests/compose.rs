@@ -1,5 +1,9 @@
 //! The three layers composed in DESIGN.md's order: gate, retry, rate limit.
 
+mod common;
+
+use common::{secs, watchdog};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -15,18 +19,6 @@ use tollgate::{
     ServiceBuilderExt, Tollgate,
 };
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-
-const fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-/// Fails the test instead of hanging it if a waiter is never woken: under
-/// paused time the limit passes at once once everything else is stuck.
-async fn watchdog(limit: Duration, test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(limit, test)
-        .await
-        .expect("the test hung: a waiter was never woken");
-}
 
 type Stack<S> = ConcurrencyGate<Retry<RateLimit<S>>>;
 

@@ -1,5 +1,9 @@
 //! The concurrency gate: admission, order, refusal, cancellation.
 
+mod common;
+
+use common::{secs, watchdog};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,10 +15,6 @@ use tokio::time::Instant;
 use tollgate::concurrency::ConcurrencyGateHandle;
 use tollgate::{ConcurrencyGate, ConcurrencyGateLayer, Error};
 use tower::{BoxError, Layer, Service, ServiceExt};
-
-const fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 /// An inner service that records call order and how many calls run at
 /// once. Each call takes `latency` of tokio time, or, with `latency` zero,
@@ -70,14 +70,6 @@ fn gate(layer: ConcurrencyGateLayer, latency: Duration) -> (ConcurrencyGate<Prob
         ..Probe::default()
     };
     (layer.layer(probe.clone()), probe)
-}
-
-/// Fails the test instead of hanging it if the gate leaks a slot: under
-/// paused time the limit passes at once once everything else is stuck.
-async fn watchdog(limit: Duration, test: impl Future<Output = ()>) {
-    tokio::time::timeout(limit, test)
-        .await
-        .expect("the test hung: a slot or queue place leaked");
 }
 
 /// Sends `ids` at once, each as its own task (its own waker: a lost

@@ -1,5 +1,9 @@
 //! The per-connection rate limiter end to end, in virtual time.
 
+mod common;
+
+use common::{secs, watchdog};
+
 use std::time::Duration;
 
 use http::{Request, StatusCode};
@@ -10,18 +14,6 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 
 const fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-const fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-/// Fails the test instead of hanging it if a waiter is never woken: under
-/// paused time the limit passes at once once everything else is stuck.
-async fn watchdog(limit: Duration, test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(limit, test)
-        .await
-        .expect("the test hung: a waiter was never woken");
 }
 
 fn to(uri: &str) -> Request<()> {

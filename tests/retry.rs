@@ -1,5 +1,9 @@
 //! The retry layer end to end against a scripted server, in virtual time.
 
+mod common;
+
+use common::secs;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,10 +15,6 @@ use tollgate::retry::{Outcome, ReplayBody};
 use tollgate::testing::{Reply, Script, ScriptError};
 use tollgate::{Backoff, Jitter, RetryLayer};
 use tower::{BoxError, Layer, Service, ServiceExt};
-
-const fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 fn get() -> Request<()> {
     Request::new(())

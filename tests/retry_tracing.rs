@@ -3,17 +3,16 @@
 //! hitting the same callsite without a subscriber can race this one's
 //! thread-local subscriber and hide an event.
 
+mod common;
+
+use common::secs;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::Request;
 use tollgate::testing::{Reply, Script};
 use tollgate::{Backoff, RetryLayer};
 use tower::{Layer, ServiceExt};
-
-const fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// Collects what the `fmt` subscriber writes.
 #[derive(Clone, Default)]
