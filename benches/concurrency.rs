@@ -14,8 +14,11 @@ use tollgate::ConcurrencyGateLayer;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-/// An inner service that answers at once.
-fn instant() -> impl Service<
+/// The inner service: answers at once, or after yielding once so that a
+/// slot is held across a scheduling point and other tasks really contend.
+fn inner(
+    yield_once: bool,
+) -> impl Service<
     u32,
     Response = u32,
     Error = BoxError,
@@ -23,21 +26,10 @@ fn instant() -> impl Service<
 > + Clone
        + Send
        + 'static {
-    tower::service_fn(|id: u32| async move { Ok::<_, BoxError>(id) })
-}
-
-/// An inner service that yields once, so a slot is held across a
-/// scheduling point and other tasks really contend for it.
-fn yielding() -> impl Service<
-    u32,
-    Response = u32,
-    Error = BoxError,
-    Future = impl Future<Output = Result<u32, BoxError>> + Send,
-> + Clone
-       + Send
-       + 'static {
-    tower::service_fn(|id: u32| async move {
-        tokio::task::yield_now().await;
+    tower::service_fn(move |id: u32| async move {
+        if yield_once {
+            tokio::task::yield_now().await;
+        }
         Ok::<_, BoxError>(id)
     })
 }
@@ -49,7 +41,7 @@ fn uncontended(c: &mut Criterion) {
     let mut group = c.benchmark_group("one request, no contention");
     group.bench_function("tokio Semaphore + service", |b| {
         let semaphore = Arc::new(Semaphore::new(64));
-        let mut svc = instant();
+        let mut svc = inner(false);
         b.iter(|| {
             rt.block_on(async {
                 let permit = Arc::clone(&semaphore).acquire_owned().await.unwrap();
@@ -60,11 +52,11 @@ fn uncontended(c: &mut Criterion) {
         });
     });
     group.bench_function("tower ConcurrencyLimit", |b| {
-        let mut svc = ConcurrencyLimitLayer::new(64).layer(instant());
+        let mut svc = ConcurrencyLimitLayer::new(64).layer(inner(false));
         b.iter(|| rt.block_on(async { svc.ready().await.unwrap().call(1).await.unwrap() }));
     });
     group.bench_function("tollgate ConcurrencyGate", |b| {
-        let mut svc = ConcurrencyGateLayer::new(64).layer(instant());
+        let mut svc = ConcurrencyGateLayer::new(64).layer(inner(false));
         b.iter(|| rt.block_on(async { svc.ready().await.unwrap().call(1).await.unwrap() }));
     });
     group.finish();
@@ -115,14 +107,14 @@ fn contended(c: &mut Criterion) {
         b.iter(|| contend(&rt, &svc));
     });
     group.bench_function("tower ConcurrencyLimit", |b| {
-        let svc = ConcurrencyLimitLayer::new(4).layer(yielding());
+        let svc = ConcurrencyLimitLayer::new(4).layer(inner(true));
         b.iter(|| contend(&rt, &svc));
     });
     group.bench_function("tollgate ConcurrencyGate (queue 1024)", |b| {
         // Queue room for every task, so nothing is refused.
         let svc = ConcurrencyGateLayer::new(4)
             .queue_limit(1024)
-            .layer(yielding());
+            .layer(inner(true));
         b.iter(|| contend(&rt, &svc));
     });
     group.finish();
