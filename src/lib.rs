@@ -77,6 +77,54 @@
 //! [`Tollgate::builder`] or [`ServiceBuilderExt`]; each layer also stands
 //! alone.
 //!
+//! # Around your client
+//!
+//! hyper-util's client is a `tower::Service<http::Request<B>>` already:
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tollgate::Tollgate;
+//! use tower::ServiceExt;
+//!
+//! # async fn run() -> Result<(), tower::BoxError> {
+//! let hyper = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let client = Tollgate::builder().parallelism(10).build(hyper)?;
+//! let request = http::Request::post("http://127.0.0.1:8080/leads")
+//!     .body(Full::new(Bytes::from_static(br#"{"lead":1}"#)))?;
+//! let response = client.oneshot(request).await?;
+//! # let _ = response;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! reqwest's is a `Service<reqwest::Request>`; with feature `reqwest`,
+//! `tollgate::reqwest::Client` adapts it (`Bytes`, `String` and `Vec<u8>`
+//! bodies are resent on a retry, streams sent once):
+//!
+#![cfg_attr(
+    feature = "reqwest",
+    doc = r##"
+```no_run
+use tollgate::Tollgate;
+use tower::ServiceExt;
+
+# async fn run() -> Result<(), tower::BoxError> {
+let client = Tollgate::builder()
+    .parallelism(10)
+    .build(tollgate::reqwest::Client::from(reqwest::Client::new()))?;
+let request = http::Request::post("http://127.0.0.1:8080/leads")
+    .body(String::from(r#"{"lead":1}"#))?;
+let response = reqwest::Response::from(client.oneshot(request).await?);
+println!("{}", response.text().await?);
+# Ok(())
+# }
+```
+"##
+)]
+//!
 //! Errors of tollgate's own are [`Error`]; services return
 //! [`tower::BoxError`], from which `downcast_ref::<tollgate::Error>()`
 //! recovers them.
@@ -88,13 +136,15 @@
     rust_2018_idioms,
     missing_debug_implementations
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod builder;
 pub mod concurrency;
 mod error;
 mod ext;
 pub mod rate_limit;
+#[cfg(feature = "reqwest")]
+pub mod reqwest;
 pub mod retry;
 pub mod testing;
 
@@ -105,7 +155,8 @@ pub use ext::ServiceBuilderExt;
 pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests (with feature
+/// `reqwest`: one of them wraps a reqwest client; CI runs all features).
+#[cfg(all(doctest, feature = "reqwest"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

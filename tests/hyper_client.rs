@@ -3,56 +3,21 @@
 //! Sockets are real; time is paused (tokio advances it only when no socket
 //! has anything to deliver), so the server's 200 ms costs no real time.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
 use tollgate::{Backoff, ConnectionKey, Tollgate};
 use tower::ServiceExt;
 
-/// Answers the first request `429` with `retry-after-ms: 200`, the rest 200.
-async fn server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counter = Arc::clone(&counter);
-            let answer = hyper::service::service_fn(move |_: Request<Incoming>| {
-                let n = counter.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
-                    if n == 0 {
-                        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                        response
-                            .headers_mut()
-                            .insert("retry-after-ms", http::HeaderValue::from_static("200"));
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), answer)
-                    .await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_stack_around_hyper_util_retries_and_cools_down_from_real_headers() {
-    let (addr, seen) = server().await;
+    let (addr, seen) = common::first_throttled_server().await;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let stack = Tollgate::builder()
         .parallelism(4)
@@ -76,7 +41,7 @@ async fn the_stack_around_hyper_util_retries_and_cools_down_from_real_headers() 
     let second = stack.clone().oneshot(request(2)).await.unwrap();
     assert_eq!(second.status(), StatusCode::OK);
     assert_eq!(
-        seen.load(Ordering::SeqCst),
+        seen.lock().unwrap().len(),
         3,
         "429, its retry, and the second"
     );

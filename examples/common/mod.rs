@@ -1,12 +1,16 @@
-//! A local throttling server for the examples: 127.0.0.1 only, HTTP/2 (so
-//! thousands of concurrent requests share a few sockets), a quota per
-//! connection, and `429 Too Many Requests` with `Retry-After` beyond it.
+//! A local throttling server for the examples: 127.0.0.1 only, HTTP/1.1 or
+//! HTTP/2 (so thousands of concurrent requests can share a few sockets), a
+//! quota per connection, and `429 Too Many Requests` with `Retry-After`
+//! beyond it.
 //!
 //! A "connection" is named by the request's `x-connection` header, as Power
 //! Platform meters each connection of a connector separately. Each one may
 //! make `per_second` requests in each fixed one-second window (counted from
 //! the server's start); past that the server answers 429 with `Retry-After`
 //! set to the seconds left in the window, rounded up.
+
+// Each example uses the part it needs.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,6 +24,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -59,7 +64,7 @@ impl Windows {
 }
 
 /// Starts the server on 127.0.0.1 (a free port); it runs until the process
-/// ends. Clients must speak HTTP/2 (hyper-util: `.http2_only(true)`).
+/// ends. It answers HTTP/1.1 and HTTP/2 (prior knowledge).
 pub async fn throttled_server(per_second: u32) -> std::io::Result<(SocketAddr, Arc<ServerStats>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -103,12 +108,77 @@ pub async fn throttled_server(per_second: u32) -> std::io::Result<(SocketAddr, A
                 }
             });
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_concurrent_streams(None)
-                    .serve_connection(TokioIo::new(stream), answer)
-                    .await;
+                let mut server = auto::Builder::new(TokioExecutor::new());
+                server.http2().max_concurrent_streams(None);
+                let _ = server.serve_connection(TokioIo::new(stream), answer).await;
             });
         }
     });
     Ok((addr, stats))
+}
+
+/// Sends `leads` POSTs at once through `client`, alternating between the
+/// connections `crm-1` and `crm-2` (the `x-connection` header tells the
+/// server, a [`tollgate::ConnectionKey`] tells tollgate), and prints how
+/// each ended. An error if any lead failed.
+pub async fn import_leads<S, B, R>(
+    client: S,
+    addr: SocketAddr,
+    leads: u64,
+    stats: &ServerStats,
+) -> Result<(), tower::BoxError>
+where
+    S: tower::Service<Request<B>, Response = Response<R>, Error = tower::BoxError>,
+    S: Clone + Send + 'static,
+    S::Future: Send,
+    B: From<String> + Send + 'static,
+    R: hyper::body::Body + Send + 'static,
+    R::Data: Send,
+    R::Error: Into<tower::BoxError>,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let started = Instant::now();
+    let mut sent = tokio::task::JoinSet::new();
+    for n in 0..leads {
+        let connection = ["crm-1", "crm-2"][(n % 2) as usize];
+        let mut request = Request::post(format!("http://{addr}/leads"))
+            .header("x-connection", connection)
+            .body(B::from(format!("{{\"lead\":{n}}}")))?;
+        request
+            .extensions_mut()
+            .insert(tollgate::ConnectionKey::new(connection));
+        let client = client.clone();
+        sent.spawn(async move {
+            let response = client.oneshot(request).await?;
+            let status = response.status();
+            response.into_body().collect().await.map_err(Into::into)?;
+            Ok::<_, tower::BoxError>(status)
+        });
+    }
+    let (mut succeeded, mut failed) = (0, 0);
+    while let Some(ended) = sent.join_next().await {
+        match ended? {
+            Ok(status) if status.is_success() => succeeded += 1,
+            Ok(status) => {
+                failed += 1;
+                println!("  a lead ended {status}");
+            }
+            Err(error) => {
+                failed += 1;
+                println!("  a lead failed: {error}");
+            }
+        }
+    }
+    println!(
+        "{leads} leads in {:.1?}: {succeeded} succeeded, {failed} failed; the server answered {} with 200 and {} with 429",
+        started.elapsed(),
+        stats.accepted.load(Ordering::Relaxed),
+        stats.throttled.load(Ordering::Relaxed),
+    );
+    if failed > 0 {
+        return Err(format!("{failed} leads failed").into());
+    }
+    Ok(())
 }

@@ -40,7 +40,8 @@ where
 }
 
 /// The default rule: `429 Too Many Requests` for every method; `408`, `500`,
-/// `502`, `503`, `504` and inner-service errors only for idempotent methods.
+/// `502`, `503`, `504` and inner-service errors only for idempotent methods
+/// (but never a request reqwest refused to build, with feature `reqwest`).
 ///
 /// A 429 means the server did *not* process the request, so repeating even a
 /// `POST` is safe. The others may come after the server acted (a 504 from a
@@ -111,6 +112,8 @@ impl Classify for DefaultClassify {
                 | StatusCode::GATEWAY_TIMEOUT => may_repeat,
                 _ => false,
             },
+            #[cfg(feature = "reqwest")]
+            Outcome::Error(error) if crate::reqwest::is_permanent(*error) => false,
             Outcome::Error(_) => may_repeat,
         }
     }

@@ -18,3 +18,54 @@ pub async fn watchdog(limit: Duration, test: impl Future<Output = ()>) {
         .await
         .expect("the test hung: a waiter was never woken, or a slot leaked");
 }
+
+/// A real HTTP/1.1 server on 127.0.0.1 that answers the first request `429`
+/// with `retry-after-ms: 200` and every other `200 ok`. Returns its address
+/// and the bodies of the requests it received, in order.
+pub async fn first_throttled_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<bytes::Bytes>>>,
+) {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let bodies = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let bodies = Arc::clone(&bodies);
+            let answer = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let bodies = Arc::clone(&bodies);
+                async move {
+                    let body = request.into_body().collect().await?.to_bytes();
+                    let first = {
+                        let mut bodies = bodies.lock().unwrap();
+                        bodies.push(body);
+                        bodies.len() == 1
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    if first {
+                        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                        response
+                            .headers_mut()
+                            .insert("retry-after-ms", http::HeaderValue::from_static("200"));
+                    }
+                    Ok::<_, hyper::Error>(response)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), answer)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
