@@ -4,8 +4,12 @@
 //!
 //! cargo bench --bench concurrency
 
+mod common;
+
 use std::future::Future;
+use std::mem::size_of_val;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tokio::runtime::Runtime;
@@ -120,5 +124,55 @@ fn contended(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, uncontended, contended);
+/// Heap bytes each gate adds per waiting request, and the size of what
+/// the caller holds while it waits, with 10,000 waiting behind one slot.
+fn memory_per_waiter(_: &mut Criterion) {
+    const N: usize = 10_000;
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let never = tower::service_fn(|_: u32| std::future::pending::<Result<u32, BoxError>>());
+
+    // tollgate admits in `call`: a queued request has its place on return.
+    let mut gate = ConcurrencyGateLayer::new(1)
+        .queue_limit(N)
+        .layer(never.clone());
+    let mut held = Vec::with_capacity(N + 1);
+    held.push(gate.call(0));
+    let before = common::live_bytes();
+    for id in 0..N as u32 {
+        held.push(gate.call(id));
+    }
+    let tollgate = (common::live_bytes() - before) as f64 / N as f64;
+    assert_eq!(gate.handle().queued(), N);
+    let tollgate_holds = size_of_val(&held[0]);
+    drop(held);
+
+    // tower's waiters each poll `poll_ready` on their own clone.
+    let limit = ConcurrencyLimitLayer::new(1).layer(never);
+    let mut clones = Vec::with_capacity(N + 1);
+    clones.push(limit.clone());
+    assert!(clones[0].poll_ready(&mut cx).is_ready());
+    clones.extend((0..N).map(|_| limit.clone()));
+    let before = common::live_bytes();
+    for waiter in &mut clones[1..] {
+        assert!(waiter.poll_ready(&mut cx).is_pending());
+    }
+    let tower = (common::live_bytes() - before) as f64 / N as f64;
+    let tower_holds = size_of_val(&clones[0]);
+    drop(clones);
+
+    // tokio's semaphore keeps its waiter node inside the acquire future.
+    let semaphore = Arc::new(Semaphore::new(1));
+    let _permit = Arc::clone(&semaphore).try_acquire_owned().unwrap();
+    let mut acquire = std::pin::pin!(Arc::clone(&semaphore).acquire_owned());
+    assert!(matches!(acquire.as_mut().poll(&mut cx), Poll::Pending));
+    let semaphore_holds = size_of_val(&*acquire);
+
+    println!("memory per waiting request, {N} waiting behind one slot:");
+    println!("  tollgate ConcurrencyGate: {tollgate:.0} heap bytes; the caller holds a {tollgate_holds}-byte future");
+    println!("  tower ConcurrencyLimit:   {tower:.0} heap bytes; the caller holds a {tower_holds}-byte service clone");
+    println!("  tokio Semaphore:          0 heap bytes; the caller holds a {semaphore_holds}-byte acquire future");
+}
+
+criterion_group!(benches, memory_per_waiter, uncontended, contended);
 criterion_main!(benches);
