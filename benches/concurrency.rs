@@ -135,7 +135,7 @@ fn memory_per_waiter(_: &mut Criterion) {
     // tollgate admits in `call`: a queued request has its place on return.
     let mut gate = ConcurrencyGateLayer::new(1)
         .queue_limit(N)
-        .layer(never.clone());
+        .layer(never);
     let mut held = Vec::with_capacity(N + 1);
     held.push(gate.call(0));
     let before = common::live_bytes();
