@@ -133,9 +133,7 @@ fn memory_per_waiter(_: &mut Criterion) {
     let never = tower::service_fn(|_: u32| std::future::pending::<Result<u32, BoxError>>());
 
     // tollgate admits in `call`: a queued request has its place on return.
-    let mut gate = ConcurrencyGateLayer::new(1)
-        .queue_limit(N)
-        .layer(never);
+    let mut gate = ConcurrencyGateLayer::new(1).queue_limit(N).layer(never);
     let mut held = Vec::with_capacity(N + 1);
     held.push(gate.call(0));
     let before = common::live_bytes();

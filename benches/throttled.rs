@@ -42,14 +42,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+mod common;
+
+use common::{mix, TowerPolicy, RETRIES};
 use futures_util::stream::{self, StreamExt};
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 use tollgate::{Backoff, Quota, RateLimitLayer, ServiceBuilderExt, Tollgate};
-use tower::retry::backoff::{
-    Backoff as _, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff,
-};
-use tower::util::rng::Rng;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: u64 = 2;
@@ -58,15 +57,6 @@ const CAPACITY: u64 = 100;
 const SERVER_BURST: u64 = 10;
 const WORK: Duration = Duration::from_millis(20);
 const PARALLELISM: usize = 50;
-const RETRIES: u32 = 4;
-
-/// SplitMix64: the seeded randomness of the simulation.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 #[derive(Default)]
 struct ServerCounts {
@@ -223,87 +213,6 @@ async fn naive(leads: u64, tally: &Tally, server: &Server) {
             tally.record(outcome);
         })
         .await;
-}
-
-/// tower's `Rng`, seeded: SplitMix64 over a counter.
-#[derive(Clone)]
-struct SeededRng(u64);
-
-impl Rng for SeededRng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        mix(self.0)
-    }
-}
-
-/// What a tower user writes: retry 429s with tower's exponential backoff.
-/// tower clones the policy for every request; each clone starts a backoff
-/// with a new seed, so requests don't share one jitter sequence.
-struct TowerPolicy {
-    backoff: ExponentialBackoff<SeededRng>,
-    retries_left: u32,
-    seeds: Arc<AtomicU64>,
-}
-
-impl TowerPolicy {
-    fn new() -> Self {
-        let seeds = Arc::new(AtomicU64::new(0));
-        TowerPolicy {
-            backoff: Self::backoff(&seeds),
-            retries_left: RETRIES,
-            seeds,
-        }
-    }
-
-    /// 500 ms doubling to 16 s, plus up to 100% jitter.
-    fn backoff(seeds: &AtomicU64) -> ExponentialBackoff<SeededRng> {
-        let seed = mix(seeds.fetch_add(1, Ordering::Relaxed));
-        let mut maker = ExponentialBackoffMaker::new(
-            Duration::from_millis(500),
-            Duration::from_secs(16),
-            1.0,
-            SeededRng(seed),
-        )
-        .expect("a valid backoff");
-        maker.make_backoff()
-    }
-}
-
-impl Clone for TowerPolicy {
-    fn clone(&self) -> Self {
-        TowerPolicy {
-            backoff: Self::backoff(&self.seeds),
-            retries_left: self.retries_left,
-            seeds: Arc::clone(&self.seeds),
-        }
-    }
-}
-
-impl<E> tower::retry::Policy<Request<u64>, Response<()>, E> for TowerPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(
-        &mut self,
-        _: &mut Request<u64>,
-        result: &mut Result<Response<()>, E>,
-    ) -> Option<Self::Future> {
-        match result {
-            Ok(response)
-                if response.status() == StatusCode::TOO_MANY_REQUESTS && self.retries_left > 0 =>
-            {
-                self.retries_left -= 1;
-                Some(self.backoff.next_backoff())
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, request: &Request<u64>) -> Option<Request<u64>> {
-        let mut copy = Request::new(*request.body());
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        Some(copy)
-    }
 }
 
 async fn tower_stack(leads: u64, tally: &Tally, server: &Server) {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Regenerates every figure in BENCHMARKS.md, in one run (about 12 minutes on
+# the development machine): the criterion benches, the throttled-to-death
+# simulation, and the real-server run against nginx on 127.0.0.1 (installed
+# with apt-get if missing). Output goes to the terminal and to
+# target/bench.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+    echo "== installing nginx"
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -q && $sudo apt-get install -y -q nginx-light
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+dir=$(mktemp -d)
+port=${TOLLGATE_BENCH_PORT:-18089}
+echo ok > "$dir/ok.txt"
+sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|$port|g" scripts/nginx.conf > "$dir/nginx.conf"
+"$NGINX" -c "$dir/nginx.conf" -e "$dir/error.log"
+trap '"$NGINX" -c "$dir/nginx.conf" -e "$dir/error.log" -s stop || true; rm -rf "$dir"' EXIT
+
+mkdir -p target
+{
+    echo "== machine"
+    nproc; grep -m1 'model name' /proc/cpuinfo || true; rustc --version
+    echo "== cargo bench (criterion benches, then the simulation)"
+    cargo bench
+    echo "== real server: nginx on 127.0.0.1:$port"
+    TOLLGATE_SERVER="http://127.0.0.1:$port" cargo bench --features reqwest --bench real_server
+} 2>&1 | tee target/bench.log
