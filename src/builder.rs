@@ -62,10 +62,17 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `parallelism` | 25 | Power Automate's default trigger concurrency |
 /// | `queue_limit` | `10 + parallelism` | Power Automate's waiting-run queue |
 /// | `queue_timeout` | none | the queue is bounded, so is the wait |
-/// | `per_connection` | [`Quota::unlimited`] | no limit of its own, but a 429/503 with `Retry-After` still pauses the connection |
+/// | `per_connection` | [`Quota::unlimited`] | no limit of its own, but a 429/503 with `Retry-After` still pauses the connection (set the API's documented quota: see below) |
 /// | `retry` | [`Backoff::power_automate`] | the Logic Apps / Power Automate default policy |
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
+///
+/// Without a quota, the connection's pause is only as good as the server's
+/// `Retry-After`: exact when it names the end of a fixed window, wasteful
+/// when a token-bucket server rounds a few milliseconds up to one second
+/// (each 429 then idles the connection for that second). Against such a
+/// server, set the quota the API documents; `benches/throttled.rs`
+/// measures both cases.
 #[derive(Clone)]
 pub struct TollgateBuilder<F = ByConnection> {
     parallelism: usize,
