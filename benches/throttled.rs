@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench throttled                 # 1,000,000 leads
 //! LEADS=20000 cargo bench --bench throttled     # a shorter run
+//! ONLY=tollgate cargo bench --bench throttled   # the rows whose name has it
 //! ```
 //!
 //! Deterministic: tokio's clock is paused (it jumps to the next timer when
@@ -233,16 +234,21 @@ async fn tower_stack(leads: u64, tally: &Tally, server: &Server) {
 async fn tollgate_stack(leads: u64, tally: &Tally, server: &Server, client: Client) {
     let backoff = Backoff::power_automate().seed(7);
     let client = match client {
-        Client::Tollgate(quota) => Tollgate::builder()
+        Client::Tollgate { quota, learn } => Tollgate::builder()
             .parallelism(PARALLELISM)
             .per_connection(quota)
+            .learn_rate(learn)
             .retry(backoff)
             .build(server.clone())
             .expect("a valid configuration"),
         _ => ServiceBuilder::new()
             .concurrency_gate(PARALLELISM)
             .retry_backoff(backoff)
-            .layer(RateLimitLayer::per_connection(Quota::unlimited()).max_cool_down(Duration::ZERO))
+            .layer(
+                RateLimitLayer::per_connection(Quota::unlimited())
+                    .max_cool_down(Duration::ZERO)
+                    .learn_rate(false),
+            )
             .service(server.clone()),
     };
     let queue_limit = PARALLELISM + 10;
@@ -258,7 +264,7 @@ async fn tollgate_stack(leads: u64, tally: &Tally, server: &Server, client: Clie
 enum Client {
     Naive,
     Tower,
-    Tollgate(Quota),
+    Tollgate { quota: Quota, learn: bool },
     TollgateWithoutCoolDown,
 }
 
@@ -267,13 +273,19 @@ impl Client {
         match self {
             Client::Naive => "naive: p = 50, own retries 1-2-4-8 s, ignores Retry-After",
             Client::Tower => "tower: ConcurrencyLimit(50) + retry, exponential with jitter",
-            Client::Tollgate(quota) if quota == Quota::unlimited() => {
-                "tollgate builder, p = 50, no quota (429s pause the connection)"
+            Client::Tollgate { quota, learn } if quota == Quota::unlimited() => {
+                if learn {
+                    "tollgate builder, p = 50, no quota (429s pause the connection and teach its pace)"
+                } else {
+                    "tollgate builder, p = 50, no quota, `learn_rate(false)` (429s only pause the connection)"
+                }
             }
-            Client::Tollgate(_) => {
+            Client::Tollgate { .. } => {
                 "tollgate builder, p = 50, quota 100/s burst 10 (the API's documented limit)"
             }
-            Client::TollgateWithoutCoolDown => "tollgate layers, p = 50, no quota, cool-down off",
+            Client::TollgateWithoutCoolDown => {
+                "tollgate layers, p = 50, no quota, no cool-down, no learning"
+            }
         }
     }
 }
@@ -320,8 +332,18 @@ fn main() {
     let clients = [
         Client::Naive,
         Client::Tower,
-        Client::Tollgate(documented),
-        Client::Tollgate(Quota::unlimited()),
+        Client::Tollgate {
+            quota: documented,
+            learn: true,
+        },
+        Client::Tollgate {
+            quota: Quota::unlimited(),
+            learn: true,
+        },
+        Client::Tollgate {
+            quota: Quota::unlimited(),
+            learn: false,
+        },
         Client::TollgateWithoutCoolDown,
     ];
     for (limit, how) in [
@@ -336,7 +358,8 @@ fn main() {
             "| client | completed | failed | refused | attempts per success | 429s caused | virtual time | goodput (of capacity) | real time |"
         );
         println!("|---|---|---|---|---|---|---|---|---|");
-        for client in clients {
+        let only = std::env::var("ONLY").unwrap_or_default();
+        for client in clients.into_iter().filter(|c| c.name().contains(&only)) {
             report(client, simulate(limit, client, leads), leads);
         }
     }

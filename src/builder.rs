@@ -84,6 +84,7 @@ pub struct TollgateBuilder<F = ByConnection> {
     backoff: Backoff,
     max_retry_after: Duration,
     deadline: Option<Duration>,
+    learn_rate: bool,
 }
 
 /// The layers of the [`Tollgate`] stack as one `tower::Layer`, made by
@@ -119,6 +120,7 @@ impl TollgateBuilder {
             backoff: Backoff::power_automate(),
             max_retry_after: RetryLayer::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
+            learn_rate: true,
         }
     }
 }
@@ -169,6 +171,7 @@ impl<F> TollgateBuilder<F> {
             backoff: self.backoff,
             max_retry_after: self.max_retry_after,
             deadline: self.deadline,
+            learn_rate: self.learn_rate,
         }
     }
 
@@ -195,6 +198,13 @@ impl<F> TollgateBuilder<F> {
     /// [`RetryLayer::deadline`]).
     pub fn deadline(mut self, budget: Duration) -> Self {
         self.deadline = Some(budget);
+        self
+    }
+
+    /// Whether a connection's 429s teach it a slower pace (see
+    /// [`RateLimitLayer::learn_rate`]).
+    pub fn learn_rate(mut self, learn: bool) -> Self {
+        self.learn_rate = learn;
         self
     }
 
@@ -232,6 +242,7 @@ impl<F> TollgateBuilder<F> {
         let rate_limit = RateLimitLayer::per_connection(self.quota)
             .max_keys(self.max_keys)
             .max_cool_down(self.max_retry_after)
+            .learn_rate(self.learn_rate)
             .key_by(self.key_of);
         Ok(TollgateLayer {
             gate,
@@ -262,6 +273,7 @@ impl<F> std::fmt::Debug for TollgateBuilder<F> {
             .field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
+            .field("learn_rate", &self.learn_rate)
             .finish()
     }
 }

@@ -438,3 +438,126 @@ async fn waiters_on_a_connection_are_served_in_order() {
     })
     .await;
 }
+
+/// A token-bucket server (`per_second`, a burst of `burst`) that answers
+/// the rest `429` with `Retry-After` in whole seconds, rounded up: "10 ms"
+/// becomes "1 s", as most servers send it. Counts what it accepted and
+/// refused.
+#[derive(Clone)]
+struct RoundingServer {
+    interval: Duration,
+    tolerance: Duration,
+    // When the bucket is full again (GCRA's theoretical arrival time).
+    full_at: std::sync::Arc<std::sync::Mutex<Instant>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RoundingServer {
+    fn new(per_second: u32, burst: u32) -> Self {
+        RoundingServer {
+            interval: secs(1) / per_second,
+            tolerance: secs(1) / per_second * (burst - 1),
+            full_at: std::sync::Arc::new(std::sync::Mutex::new(Instant::now())),
+            accepted: Default::default(),
+            refused: Default::default(),
+        }
+    }
+}
+
+impl Service<Request<()>> for RoundingServer {
+    type Response = http::Response<()>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<http::Response<()>, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        let mut full_at = self.full_at.lock().unwrap();
+        let allowed_at = full_at.checked_sub(self.tolerance).unwrap_or(*full_at);
+        let mut response = http::Response::new(());
+        if now >= allowed_at {
+            *full_at = (*full_at).max(now) + self.interval;
+            self.accepted.fetch_add(1, Relaxed);
+        } else {
+            let wait = allowed_at - now;
+            let seconds = wait.as_nanos().div_ceil(1_000_000_000).max(1);
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.to_string().parse().unwrap());
+            self.refused.fetch_add(1, Relaxed);
+        }
+        std::future::ready(Ok(response))
+    }
+}
+
+/// Pushes `leads` requests, 20 at a time, through the limiter (unlimited
+/// quota) around a 10/s rounding server of `burst`, resending each 429
+/// after its `Retry-After` as a retry layer would; returns the time taken,
+/// the 429s, and the limiter's handle.
+async fn push_through_rounding_server(
+    learn: bool,
+    burst: u32,
+    leads: u64,
+) -> (Duration, u64, tollgate::rate_limit::RateLimitHandle) {
+    use futures_util::stream::{self, StreamExt};
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = RoundingServer::new(10, burst);
+    let client = RateLimitLayer::per_connection(Quota::unlimited())
+        .learn_rate(learn)
+        .layer(server.clone());
+    let started = Instant::now();
+    stream::iter(0..leads)
+        .for_each_concurrent(20, |_| {
+            let client = client.clone();
+            async move {
+                loop {
+                    let response = client.clone().oneshot(on("crm")).await.unwrap();
+                    if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                        break;
+                    }
+                    tokio::time::sleep(secs(1)).await;
+                }
+            }
+        })
+        .await;
+    assert_eq!(server.accepted.load(Relaxed), leads);
+    (
+        started.elapsed(),
+        server.refused.load(Relaxed),
+        client.handle(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_learned_pace_keeps_a_rounding_server_busy() {
+    watchdog(secs(36_000), async {
+        // 600 requests at 10/s: a minute at best. Learning costs a few
+        // seconds (the first 429s, then ~5% cuts until the pace fits);
+        // without it, each 429 idles the connection for its rounded-up
+        // second, then the 20 waiting go at once and earn the next one.
+        // (burst, most time learning, least time with the cool-down only)
+        for (burst, learning, cool_down_only) in
+            [(1, secs(75), secs(500)), (5, secs(70), secs(110))]
+        {
+            let (took, refused, handle) = push_through_rounding_server(true, burst, 600).await;
+            let seen = format!("burst {burst}, learning: {took:?}, {refused} 429s");
+            assert!(took < learning, "{seen}");
+            assert!(refused <= 15, "{seen}");
+            assert!(handle.rate_cuts() >= 1, "{seen}");
+            let (took, refused, handle) = push_through_rounding_server(false, burst, 600).await;
+            let seen = format!("burst {burst}, cool-down only: {took:?}, {refused} 429s");
+            assert!(took > cool_down_only, "{seen}");
+            assert_eq!(handle.rate_cuts(), 0);
+        }
+    })
+    .await;
+}

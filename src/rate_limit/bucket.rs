@@ -52,6 +52,19 @@ impl Gcra {
         self.t
     }
 
+    /// The same bucket held to at most one request per `interval`, one at
+    /// a time: a learned pace. Its only tolerance is for late wake-ups:
+    /// tokio's timer ticks in milliseconds, and a pace that lost the time a
+    /// sleeper overslept would run slower than learned (100/s, not 103/s).
+    pub(crate) fn paced(&self, interval: u64) -> Self {
+        const OVERSLEEP: u64 = 2_000_000;
+        let t = self.t.max(interval);
+        Gcra {
+            t,
+            tau: t.min(OVERSLEEP),
+        }
+    }
+
     /// The TAT that holds every request until `until`, then lets one
     /// through and refills from empty at the quota's rate.
     pub(crate) fn paused_until(&self, until: u64) -> u64 {
@@ -69,7 +82,11 @@ impl Epoch {
     }
 
     pub(crate) fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.0))
+        self.at(Instant::now())
+    }
+
+    pub(crate) fn at(&self, instant: Instant) -> u64 {
+        nanos(instant.saturating_duration_since(self.0))
     }
 }
 
@@ -101,6 +118,16 @@ impl Tat {
     /// Holds the bucket until `until` (never shortening a longer pause).
     pub(crate) fn pause(&self, gcra: &Gcra, until: u64) {
         self.0.fetch_max(gcra.paused_until(until), Ordering::AcqRel);
+    }
+
+    /// Moves the TAT kept under `from` to `to`'s tolerance, keeping the
+    /// moment the next request may go.
+    pub(crate) fn rebase(&self, from: &Gcra, to: &Gcra) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(from.tau).saturating_add(to.tau))
+            });
     }
 
     /// When the next token is ready, seen at `now` (`now` if one is).

@@ -36,6 +36,9 @@ pin_project! {
         // The ready service and the request, until the request is sent.
         pending: Option<(S, Request<B>)>,
         key: K,
+        // When the request was sent (ns, the buckets' clock), to tell which
+        // throttling episode its response belongs to.
+        sent_at: u64,
         // The request's place in its connection's line, while it waits.
         ticket: Option<Ticket<K>>,
         shared: Arc<Shared<K>>,
@@ -66,6 +69,7 @@ where
             state: State::Arriving,
             pending: Some((service, request)),
             key,
+            sent_at: 0,
             ticket: None,
             shared,
         }
@@ -91,8 +95,12 @@ where
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
                     if let Ok(response) = &result {
-                        this.shared
-                            .cool_down_on(this.key, response.status(), response.headers());
+                        this.shared.cool_down_on(
+                            this.key,
+                            *this.sent_at,
+                            response.status(),
+                            response.headers(),
+                        );
                     }
                     return Poll::Ready(result);
                 }
@@ -138,6 +146,7 @@ where
                 Ok(()) => {
                     // Leaving the line wakes the next request in it.
                     *this.ticket = None;
+                    *this.sent_at = now;
                     this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
                     let (mut service, request) = this
                         .pending

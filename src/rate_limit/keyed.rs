@@ -8,8 +8,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use hashbrown::HashTable;
+use tokio::time::Instant;
 
 use super::bucket::{nanos, Epoch, Gcra, Tat};
+use super::pace::Pace;
 use super::Quota;
 use crate::Error;
 
@@ -93,6 +95,8 @@ struct Shard<K> {
 struct Entry<K> {
     key: K,
     tat: Tat,
+    // What the server's 429s taught about this key's rate.
+    pace: Pace,
     // Set on use, cleared when the hand passes: the second chance.
     referenced: AtomicBool,
 }
@@ -105,6 +109,7 @@ pub(crate) struct Figures {
     pub(crate) admitted: AtomicU64,
     pub(crate) waiting: AtomicUsize,
     pub(crate) cool_downs: AtomicU64,
+    pub(crate) rate_cuts: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {
@@ -162,7 +167,38 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     pub fn pause(&self, key: &K, pause: Duration) {
         let now = self.now();
         let until = now.saturating_add(nanos(pause));
-        self.with_entry(key, now, |entry| entry.tat.pause(&self.gcra, until));
+        self.with_entry(key, now, |entry| {
+            entry.tat.pause(&entry.gcra(&self.gcra, now), until);
+        });
+    }
+
+    /// Tells the store that `key`'s server throttled (429) a request sent
+    /// at `sent_at`, asking for `retry_after`: pauses the key that long
+    /// (as [`pause`](Buckets::pause)) and learns a slower pace for it, sent
+    /// evenly (see "Learned pace" in [`RateLimit`](crate::RateLimit)'s
+    /// module docs). Returns the pace learned in requests per second, or
+    /// `None` if an earlier 429 of the same episode (a request sent no
+    /// later than the last lesson) already taught it.
+    pub fn throttled(
+        &self,
+        key: &K,
+        sent_at: Instant,
+        retry_after: Option<Duration>,
+    ) -> Option<f64> {
+        let pause = retry_after.map_or(0, nanos);
+        self.throttled_at(key, self.now(), self.epoch.at(sent_at), pause)
+    }
+
+    /// The pace `key` is held to now, in requests per second, if its
+    /// server's 429s taught one (and it is not yet forgotten).
+    pub fn learned_rate(&self, key: &K) -> Option<f64> {
+        let now = self.now();
+        let hash = self.hasher.hash_one(key);
+        let shard = self
+            .shard(hash)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        shard.find(hash, key)?.pace.rate(now)
     }
 
     /// Keys tracked now.
@@ -180,7 +216,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             for position in 0..shard.slots.len() {
                 let idle = shard.slots[position]
                     .as_ref()
-                    .is_some_and(|entry| entry.tat.is_full(now));
+                    .is_some_and(|entry| entry.is_idle(now));
                 if idle {
                     shard.remove(position, &self.hasher);
                     dropped += 1;
@@ -198,28 +234,62 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
 
     /// Takes a token at `now`, or `Err(ready_at)`.
     pub(crate) fn acquire_at(&self, key: &K, now: u64) -> Result<(), u64> {
-        self.with_entry(key, now, |entry| entry.tat.acquire(&self.gcra, now))
+        self.with_entry(key, now, |entry| {
+            let admitted = entry.tat.acquire(&entry.gcra(&self.gcra, now), now);
+            if admitted.is_ok() {
+                entry.pace.admitted();
+            }
+            admitted
+        })
+    }
+
+    /// [`throttled`](Buckets::throttled) in the store's nanoseconds, with
+    /// `pause` nanoseconds (zero: none).
+    pub(crate) fn throttled_at(&self, key: &K, now: u64, sent_at: u64, pause: u64) -> Option<f64> {
+        let quota_rate = 1e9 / self.gcra.interval() as f64;
+        self.with_entry(key, now, |entry| {
+            let had_pace = entry.pace.rate(now).is_some();
+            let learned = entry.pace.throttled(now, sent_at, pause, quota_rate);
+            if learned.is_some() && !had_pace {
+                // From the quota's burst to the pace's, keeping the moment
+                // the next request may go.
+                entry.tat.rebase(&self.gcra, &entry.gcra(&self.gcra, now));
+            }
+            if pause > 0 {
+                let until = now.saturating_add(pause);
+                entry.tat.pause(&entry.gcra(&self.gcra, now), until);
+            }
+            learned
+        })
     }
 
     /// Nanoseconds from `now` until a request behind `ahead` others on
     /// `key` would get its token, if each of them takes one first. Takes
     /// nothing.
     pub(crate) fn wait_behind(&self, key: &K, now: u64, ahead: u64) -> u64 {
-        let ready_at = self.with_entry(key, now, |entry| entry.tat.ready_at(&self.gcra, now));
-        (ready_at - now).saturating_add(ahead.saturating_mul(self.gcra.interval()))
+        let (ready_at, interval) = self.with_entry(key, now, |entry| {
+            let gcra = entry.gcra(&self.gcra, now);
+            (entry.tat.ready_at(&gcra, now), gcra.interval())
+        });
+        (ready_at - now).saturating_add(ahead.saturating_mul(interval))
     }
 
     pub(crate) fn figures(&self) -> &Arc<Figures> {
         &self.figures
     }
 
-    /// Runs `f` on `key`'s entry, inserting it (and evicting) if missing.
-    fn with_entry<T>(&self, key: &K, now: u64, f: impl FnOnce(&Entry<K>) -> T) -> T {
-        let hash = self.hasher.hash_one(key);
+    /// The shard of a key's hash.
+    fn shard(&self, hash: u64) -> &RwLock<Shard<K>> {
         // Middle bits pick the shard: hashbrown uses the low bits for the
         // bucket and the top seven as a tag, so these are free.
         // (The shard count is a power of two: a mask, not a division.)
-        let shard = &self.shards[(hash >> 32) as usize & (self.shards.len() - 1)];
+        &self.shards[(hash >> 32) as usize & (self.shards.len() - 1)]
+    }
+
+    /// Runs `f` on `key`'s entry, inserting it (and evicting) if missing.
+    fn with_entry<T>(&self, key: &K, now: u64, f: impl FnOnce(&Entry<K>) -> T) -> T {
+        let hash = self.hasher.hash_one(key);
+        let shard = self.shard(hash);
         {
             // The common case: a known key, under the shared lock.
             let shard = shard.read().unwrap_or_else(PoisonError::into_inner);
@@ -239,13 +309,30 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 let dropped = shard.make_room(now, self.per_shard, &self.hasher, &self.figures);
                 self.figures.keys.fetch_sub(dropped, Ordering::Relaxed);
                 self.figures.keys.fetch_add(1, Ordering::Relaxed);
-                shard.insert(hash, key.clone(), self.per_shard, &self.hasher)
+                shard.insert(hash, key.clone(), now, self.per_shard, &self.hasher)
             }
         };
         match &shard.slots[position] {
             Some(entry) => f(entry),
             None => unreachable!("an indexed position holds an entry"),
         }
+    }
+}
+
+impl<K> Entry<K> {
+    /// The bucket's arithmetic at `now`: the quota's, or, once the server
+    /// has throttled the key, its learned pace with a burst of one.
+    fn gcra(&self, quota: &Gcra, now: u64) -> Gcra {
+        match self.pace.interval(now) {
+            Some(interval) => quota.paced(interval),
+            None => *quota,
+        }
+    }
+
+    /// True if the entry carries nothing a new one would not: a full
+    /// bucket and no learned pace.
+    fn is_idle(&self, now: u64) -> bool {
+        self.tat.is_full(now) && self.pace.rate(now).is_none()
     }
 }
 
@@ -266,10 +353,18 @@ impl<K: Hash + Eq> Shard<K> {
     }
 
     /// Stores a new key; the shard has room (see `make_room`).
-    fn insert(&mut self, hash: u64, key: K, capacity: usize, hasher: &RandomState) -> usize {
+    fn insert(
+        &mut self,
+        hash: u64,
+        key: K,
+        now: u64,
+        capacity: usize,
+        hasher: &RandomState,
+    ) -> usize {
         let entry = Entry {
             key,
             tat: Tat::default(),
+            pace: Pace::new(now),
             referenced: AtomicBool::new(false),
         };
         let position = match self.free.pop() {
@@ -324,7 +419,7 @@ impl<K: Hash + Eq> Shard<K> {
             let position = self.advance_hand();
             if self.slots[position]
                 .as_ref()
-                .is_some_and(|e| e.tat.is_full(now))
+                .is_some_and(|e| e.is_idle(now))
             {
                 self.remove(position, hasher);
                 dropped += 1;
@@ -337,7 +432,7 @@ impl<K: Hash + Eq> Shard<K> {
             let Some(entry) = &self.slots[position] else {
                 continue;
             };
-            let idle = entry.tat.is_full(now);
+            let idle = entry.is_idle(now);
             if !idle && entry.referenced.swap(false, Ordering::Relaxed) {
                 continue;
             }
@@ -463,6 +558,34 @@ mod tests {
         assert_eq!(buckets.figures.evicted_active.load(Ordering::Relaxed), 1);
         // Key 0 was never evicted: its debt is remembered.
         assert!(buckets.try_acquire(&0).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_paces_its_key_and_the_pace_outlives_idleness() {
+        let buckets = Buckets::new(Quota::unlimited(), 100).unwrap();
+        for _ in 0..20 {
+            buckets.try_acquire(&"a").unwrap();
+        }
+        let sent = Instant::now();
+        // 20 requests, then a pause of 1 s: a first estimate of 20/s.
+        let rate = buckets.throttled(&"a", sent, Some(Duration::from_secs(1)));
+        assert!(rate.is_some_and(|r| (r - 20.0).abs() < 0.5), "{rate:?}");
+        assert_eq!(buckets.learned_rate(&"b"), None);
+        // Paused for the second, then one request per 50 ms, not a crowd.
+        assert_eq!(buckets.try_acquire(&"a"), Err(Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        buckets.try_acquire(&"a").unwrap();
+        let wait = buckets.try_acquire(&"a").unwrap_err();
+        assert!(wait > Duration::from_millis(45), "{wait:?}");
+        // The other key is untouched; the rest of the same crowd teaches
+        // nothing more.
+        buckets.try_acquire(&"b").unwrap();
+        buckets.try_acquire(&"b").unwrap();
+        assert_eq!(buckets.throttled(&"a", sent, None), None);
+        // A full bucket that learned a pace is not idle: kept.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(buckets.evict_idle(), 1); // "b"
+        assert!(buckets.learned_rate(&"a").is_some());
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub struct RateLimitLayer<F = ByConnection> {
     max_wait: Option<Duration>,
     max_keys: usize,
     max_cool_down: Duration,
+    learn_rate: bool,
 }
 
 impl RateLimitLayer {
@@ -56,6 +57,7 @@ impl RateLimitLayer {
             max_wait: None,
             max_keys: Self::DEFAULT_MAX_KEYS,
             max_cool_down: Self::DEFAULT_MAX_COOL_DOWN,
+            learn_rate: true,
         }
     }
 }
@@ -70,6 +72,7 @@ impl<F> RateLimitLayer<F> {
             max_wait: self.max_wait,
             max_keys: self.max_keys,
             max_cool_down: self.max_cool_down,
+            learn_rate: self.learn_rate,
         }
     }
 
@@ -99,6 +102,22 @@ impl<F> RateLimitLayer<F> {
         self
     }
 
+    /// Whether a connection's 429s teach it a slower pace (default: yes).
+    ///
+    /// A cool-down alone is only as good as the server's `Retry-After`: a
+    /// token-bucket server that rounds "10 ms" up to "1 s" idles the
+    /// connection for the second, then the requests released together
+    /// overrun its burst and earn the next 429 (10% of the server's capacity
+    /// in `benches/throttled.rs`). Learning, the connection is sent evenly
+    /// at just under the rate that earned the 429, never faster than its
+    /// quota, probing upward after two quiet minutes; see "Learned pace" in
+    /// the [module docs](crate::rate_limit). Off, only the quota and the
+    /// cool-downs hold a connection back.
+    pub fn learn_rate(mut self, learn: bool) -> Self {
+        self.learn_rate = learn;
+        self
+    }
+
     /// The quota of every bucket.
     pub fn quota(&self) -> Quota {
         self.quota
@@ -113,6 +132,7 @@ impl<F> fmt::Debug for RateLimitLayer<F> {
             .field("max_wait", &self.max_wait)
             .field("max_keys", &self.max_keys)
             .field("max_cool_down", &self.max_cool_down)
+            .field("learn_rate", &self.learn_rate)
             .finish()
     }
 }
@@ -130,6 +150,7 @@ impl<S, F: KeyOf + Clone> Layer<S> for RateLimitLayer<F> {
                 Buckets::new(self.quota, self.max_keys),
                 self.max_wait,
                 self.max_cool_down,
+                self.learn_rate,
             )),
         }
     }

@@ -85,6 +85,7 @@ mod future;
 mod key;
 mod keyed;
 mod layer;
+mod pace;
 mod quota;
 mod service;
 mod waitlist;

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, Request, Response, StatusCode};
 use tower::{BoxError, Service};
 
+use super::bucket::nanos;
 use super::future::ResponseFuture;
 use super::keyed::{Buckets, Figures};
 use super::waitlist::WaitLists;
@@ -35,6 +36,7 @@ pub(super) struct Shared<K> {
     pub(super) figures: Arc<Figures>,
     pub(super) max_wait: Option<Duration>,
     pub(super) max_cool_down: Duration,
+    pub(super) learn_rate: bool,
 }
 
 impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
@@ -42,6 +44,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
         buckets: Result<Buckets<K>, Error>,
         max_wait: Option<Duration>,
         max_cool_down: Duration,
+        learn_rate: bool,
     ) -> Self {
         let figures = match &buckets {
             Ok(buckets) => Arc::clone(buckets.figures()),
@@ -53,34 +56,63 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
             figures,
             max_wait,
             max_cool_down,
+            learn_rate,
         }
     }
 
-    /// Pauses `key` if `status` and `headers` say the server is throttling.
-    pub(super) fn cool_down_on(&self, key: &K, status: StatusCode, headers: &HeaderMap) {
-        if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
+    /// Pauses `key` and slows its pace if `status` and `headers` say the
+    /// server is throttling a request sent at `sent_at` (ns, the buckets'
+    /// clock): a 429, or a 503 with `Retry-After` (without one, a 503 is an
+    /// outage, not a limit).
+    pub(super) fn cool_down_on(
+        &self,
+        key: &K,
+        sent_at: u64,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) {
+        let too_many = status == StatusCode::TOO_MANY_REQUESTS;
+        if !too_many && status != StatusCode::SERVICE_UNAVAILABLE {
             return;
         }
-        let (Ok(buckets), Some(asked)) = (
-            &self.buckets,
-            retry_after::parse(headers, SystemTime::now()),
-        ) else {
+        let Ok(buckets) = &self.buckets else {
             return;
         };
-        let pause = asked.min(self.max_cool_down);
-        if pause.is_zero() {
+        let asked = retry_after::parse(headers, SystemTime::now());
+        if asked.is_none() && !too_many {
             return;
         }
-        buckets.pause(key, pause);
-        self.figures.cool_downs.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            target: "tollgate::rate_limit",
-            ?key,
-            status = status.as_u16(),
-            retry_after = ?asked,
-            ?pause,
-            "cooling down the connection"
-        );
+        let pause = asked.map_or(Duration::ZERO, |asked| asked.min(self.max_cool_down));
+        let now = buckets.now();
+        let learned = if self.learn_rate {
+            buckets.throttled_at(key, now, sent_at, nanos(pause))
+        } else {
+            if !pause.is_zero() {
+                buckets.pause(key, pause);
+            }
+            None
+        };
+        if !pause.is_zero() {
+            self.figures.cool_downs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                target: "tollgate::rate_limit",
+                ?key,
+                status = status.as_u16(),
+                retry_after = ?asked,
+                ?pause,
+                "cooling down the connection"
+            );
+        }
+        if let Some(rate) = learned {
+            self.figures.rate_cuts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                target: "tollgate::rate_limit",
+                ?key,
+                status = status.as_u16(),
+                rate,
+                "pacing the connection (requests per second)"
+            );
+        }
     }
 }
 
@@ -179,6 +211,12 @@ impl RateLimitHandle {
     /// `Retry-After`).
     pub fn cool_downs(&self) -> u64 {
         self.figures.cool_downs.load(Ordering::Relaxed)
+    }
+
+    /// Lessons taken from the server's 429s: times a connection's pace was
+    /// learned or cut (once per throttling episode, not per 429).
+    pub fn rate_cuts(&self) -> u64 {
+        self.figures.rate_cuts.load(Ordering::Relaxed)
     }
 
     /// Keys evicted while their bucket was not yet full, so that what they
