@@ -139,6 +139,7 @@ async fn run(client: usize, base: &str, leads: u64, tally: &'static Tally) {
             let stack = Tollgate::builder()
                 .parallelism(PARALLELISM)
                 .per_connection(quota)
+                .learn_rate(client != 4)
                 .retry(Backoff::power_automate().seed(7))
                 .build(wire)
                 .expect("a valid configuration");
@@ -176,7 +177,8 @@ async fn main() -> Result<(), BoxError> {
         "naive: p = 50, own retries 1-2-4-8 s, ignores Retry-After",
         "tower: ConcurrencyLimit(50) + retry, exponential with jitter",
         "tollgate builder, p = 50, quota 500/s burst 20",
-        "tollgate builder, p = 50, no quota",
+        "tollgate builder, p = 50, no quota (429s teach the pace)",
+        "tollgate builder, p = 50, no quota, `learn_rate(false)`",
     ];
     for (client, name) in names.into_iter().enumerate() {
         // Let the server's buckets refill between clients.
