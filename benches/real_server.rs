@@ -12,7 +12,8 @@
 //! `TOLLGATE_SERVER` the run starts the examples' own throttling server
 //! (fixed one-second windows) instead, and says so.
 //!
-//! 5,000 leads (`LEADS` to change; the naive client takes minutes), over 2 connections; the clients are
+//! 5,000 leads (`LEADS` to change; the naive client takes minutes; `ONLY`
+//! keeps the rows whose name has it), over 2 connections; the clients are
 //! those of the simulation (`benches/throttled.rs`), around one reqwest
 //! client each.
 
@@ -180,7 +181,11 @@ async fn main() -> Result<(), BoxError> {
         "tollgate builder, p = 50, no quota (429s teach the pace)",
         "tollgate builder, p = 50, no quota, `learn_rate(false)`",
     ];
+    let only = std::env::var("ONLY").unwrap_or_default();
     for (client, name) in names.into_iter().enumerate() {
+        if !name.contains(&only) {
+            continue;
+        }
         // Let the server's buckets refill between clients.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let tally: &'static Tally = Box::leak(Box::default());

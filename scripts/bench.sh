@@ -29,4 +29,7 @@ mkdir -p target
     cargo bench
     echo "== real server: nginx on 127.0.0.1:$port"
     TOLLGATE_SERVER="http://127.0.0.1:$port" cargo bench --features reqwest --bench real_server
+    echo "== real server, the learned pace over 20,000 leads"
+    sleep 2
+    ONLY="teach" LEADS=20000 TOLLGATE_SERVER="http://127.0.0.1:$port" cargo bench --features reqwest --bench real_server
 } 2>&1 | tee target/bench.log

@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// so a `u32` of ticks spans 2.3 years.
 const TICK_SHIFT: u32 = 24;
 const NANOS_PER_SEC: f64 = 1e9;
+const TICK_SECS: f64 = (1u64 << TICK_SHIFT) as f64 / NANOS_PER_SEC;
 
 /// A first estimate doubles every this many seconds until the next 429.
 const DOUBLING_SECS: f64 = 2.0;
@@ -216,10 +217,13 @@ impl Pace {
                         // alone holds the key, and the count goes on.
                         return None;
                     }
-                    let spread =
-                        age.max(0.0) + (pause as f64 / NANOS_PER_SEC).max(MIN_ESTIMATE_SECS);
+                    // The server let through at most `count` over the time
+                    // it was sent in, and at least that over the time plus
+                    // the pause it asked for: between the two, geometrically.
+                    let sent_in = age.max(TICK_SECS);
+                    let spread = sent_in + (pause as f64 / NANOS_PER_SEC).max(MIN_ESTIMATE_SECS);
                     Lesson {
-                        rate: (count / spread).min(quota_rate),
+                        rate: (count / (sent_in * spread).sqrt()).min(quota_rate),
                         estimate: true,
                         tick: resume,
                     }
@@ -269,18 +273,21 @@ mod tests {
         for _ in 0..300 {
             pace.admitted();
         }
-        // 300 admitted in 2 s, and the server asks for 1 s more: 100/s.
+        // 300 admitted in 2 s, and the server asks for 1 s more: between
+        // 100/s (300 in 3 s) and 150/s (in 2 s), geometrically.
         let rate = pace.throttled(2 * SEC, 2 * SEC, SEC, 1e9).unwrap();
-        assert!(close(rate, 100.0), "{rate}");
+        assert!(close(rate, 300.0 / 6f64.sqrt()), "{rate}");
         // Then, from the end of the pause, it doubles every 2 s until the
         // next 429.
-        assert!(close(pace.rate(3 * SEC).unwrap(), 100.0));
-        assert!(close(pace.rate(5 * SEC).unwrap(), 200.0));
-        // A short pause still spreads over a second.
+        assert!(close(pace.rate(3 * SEC).unwrap(), rate));
+        assert!(close(pace.rate(5 * SEC).unwrap(), 2.0 * rate));
+        // Sent within a tick, with no pause: over a tick, and a tick and a
+        // second.
         let pace = Pace::new(0);
         admit(&pace, 10);
         let rate = pace.throttled(0, 0, 0, 1e9).unwrap();
-        assert!(close(rate, 10.0), "{rate}");
+        let expected = 10.0 / (TICK_SECS * (TICK_SECS + 1.0)).sqrt();
+        assert!(close(rate, expected), "{rate}");
     }
 
     #[test]
@@ -292,7 +299,7 @@ mod tests {
         // The count goes on: the tenth request makes an estimate.
         admit(&pace, 1);
         let rate = pace.throttled(2 * SEC, 2 * SEC, 10 * SEC, 1e9).unwrap();
-        assert!(close(rate, 10.0 / 12.0), "{rate}");
+        assert!(close(rate, 10.0 / 24f64.sqrt()), "{rate}");
     }
 
     fn admit(pace: &Pace, n: u32) {
@@ -305,23 +312,21 @@ mod tests {
         (a - b).abs() <= b.abs() * 0.001
     }
 
-    /// A pace learned as an estimate of 100/s at 0 s, no pause.
-    fn estimated() -> Pace {
+    /// A pace learned as a first estimate at 0 s, no pause, and its rate.
+    fn estimated() -> (Pace, f64) {
         let pace = Pace::new(0);
-        for _ in 0..100 {
-            pace.admitted();
-        }
-        assert!(close(pace.throttled(0, 0, 0, 1e9).unwrap(), 100.0));
-        pace
+        admit(&pace, 100);
+        let rate = pace.throttled(0, 0, 0, 1e9).unwrap();
+        (pace, rate)
     }
 
     #[test]
     fn later_429s_cut_climb_hold_and_probe() {
-        let pace = estimated();
+        let (pace, estimate) = estimated();
         let at = 10 * SEC;
         let rate = pace.throttled(at, at - SEC / 10, 0, 1e9).unwrap();
         // Doubled five times, less a 1% lag allowance for a 429 10 s in.
-        assert!(close_to(rate, 3200.0 / 1.01), "{rate}");
+        assert!(close_to(rate, estimate * 32.0 / 1.01), "{rate}");
         let share = |s: f64| pace.rate(at + (s * 1e9) as u64).unwrap() / rate;
         assert!(close(share(0.0), CUT));
         assert!(close(share(1.0), (CUT + PLATEAU) / 2.0));
@@ -333,8 +338,8 @@ mod tests {
 
     #[test]
     fn a_429_soon_after_resuming_cuts_deeper() {
-        let soon = estimated();
-        let late = estimated();
+        let (soon, _) = estimated();
+        let (late, _) = estimated();
         // Same pace met (the estimate, doubled once), at 2 s vs 60 s:
         // what the server's burst may have hidden is 5% vs 0.17%.
         let met = |pace: &Pace, at: u64| pace.rate(at).unwrap();
@@ -348,7 +353,7 @@ mod tests {
 
     #[test]
     fn the_climb_starts_when_the_pause_ends() {
-        let pace = estimated();
+        let (pace, _) = estimated();
         let rate = pace.throttled(4 * SEC, 3 * SEC, 10 * SEC, 1e9).unwrap();
         // Held at the cut through the 10 s pause, then climbing.
         assert!(close(pace.rate(5 * SEC).unwrap(), CUT * rate));
