@@ -15,7 +15,8 @@
 //! under the server's limit, as you would set it from the API's docs), and
 //! retries with a backoff that never undercuts `Retry-After`. A third run
 //! sets no quota (`Quota::unlimited()`, the builder's default) and relies on
-//! the server's 429s: each pauses its whole connection until `Retry-After`.
+//! the server's 429s: each pauses its whole connection until `Retry-After`
+//! and teaches it a pace just under the rate that earned it.
 
 mod common;
 
@@ -220,7 +221,7 @@ async fn main() -> Result<(), BoxError> {
     let (gated, gated_wall) = with_tollgate("tollgate", addr, quota).await?;
 
     let (addr, _) = common::throttled_server(SERVER_PER_SECOND).await?;
-    println!("\ntollgate, no quota: the server's 429s pause each connection, on http://{addr}:");
+    println!("\ntollgate, no quota: the server's 429s pause each connection and teach its pace, on http://{addr}:");
     let (cooled, cooled_wall) = with_tollgate("no quota", addr, Quota::unlimited()).await?;
 
     println!(

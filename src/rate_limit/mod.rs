@@ -40,8 +40,8 @@
 //! faster than the quota.
 //!
 //! - The first 429 of a connection that sent at least 10 requests gives an
-//!   estimate (what it sent, over that time plus the pause); it doubles
-//!   every 2 s until the next 429.
+//!   estimate (between the rate it sent at and that rate spread over the
+//!   pause too); it doubles every 2 s until the next 429.
 //! - Each later 429 sets the pace to the rate it was sent at, less what the
 //!   server's burst may have hidden (more when it came soon after the
 //!   connection resumed). The pace restarts at 80% of it, climbs back to

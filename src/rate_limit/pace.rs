@@ -9,11 +9,13 @@
 //! rate that earned it. Time `s` counts from when the key sends again (the
 //! end of the cool-down); `r` is the rate learned:
 //!
-//! - the **first** 429 gives an estimate: the requests admitted since the
-//!   key was first seen (at least 10, else the 429 only pauses the key),
-//!   over that time plus the pause the server asked for (at least a
-//!   second). Rough (requests in flight count too), so it doubles every
-//!   2 s until the next 429 calls it;
+//! - the **first** 429 gives an estimate from the `n` requests admitted
+//!   since the key was first seen (at least 10, else the 429 only pauses
+//!   the key) in `d` seconds: the server let through at most `n / d` and
+//!   at least `n / (d + pause)` (the pause it asked for, at least a
+//!   second); the estimate is their geometric mean. Rough (requests in
+//!   flight count too), so it doubles every 2 s until the next 429 calls
+//!   it;
 //! - every later 429 takes the pace it met, less what the server's burst
 //!   may have hidden (`LAG_SECS / s`: a 429 a second after resuming means
 //!   the pace was ~10% too fast, one after a minute barely), as `r`. The
