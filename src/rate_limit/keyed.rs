@@ -49,10 +49,11 @@ const MIN_SHARD_KEYS: usize = 64;
 /// known key is found under the shared lock, with **one** hash of the key
 /// (SipHash, as std's `HashMap`, so keys built from request data cannot be
 /// chosen to collide), and its bucket is one atomic compare-and-swap. Each
-/// shard keeps its keys in a slab (key, bucket state, a "used" flag) and an
-/// index of 4-byte slab positions. A [`ConnectionKey`](crate::ConnectionKey)
-/// costs about 115 bytes of store, growth slack included (113 measured for
-/// 10,000 keys in `benches/rate_limit.rs`; governor's keyed limiter: 94).
+/// shard keeps its keys in a slab (key, bucket state, learned pace, a
+/// "used" flag) and an index of 4-byte slab positions. A
+/// [`ConnectionKey`](crate::ConnectionKey) costs about 140 bytes of store,
+/// growth slack included (139 measured for 10,000 keys, 94 for 1,000,000,
+/// in `benches/rate_limit.rs`; governor's keyed limiter: 94 and 120).
 /// At equal clocks an acquire costs what governor's keyed limiter does
 /// (`BENCHMARKS.md`).
 ///
@@ -61,8 +62,9 @@ const MIN_SHARD_KEYS: usize = 64;
 /// Keys never exceed `max_keys`:
 ///
 /// - every insertion first looks at the next two slots under the eviction
-///   hand and drops keys whose bucket is **full**: a full bucket behaves
-///   exactly like a new one, so forgetting it loses nothing
+///   hand and drops keys whose bucket is **full** and that have no learned
+///   pace: such a key behaves exactly like a new one, so forgetting it
+///   loses nothing
 ///   ([`evict_idle`](Buckets::evict_idle) drops all of them at once);
 /// - when the shard is still full, the hand evicts by CLOCK, the
 ///   second-chance approximation of least-recently-used: a key used since
@@ -206,8 +208,9 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         self.figures.keys.load(Ordering::Relaxed)
     }
 
-    /// Drops every key whose bucket is full (they carry no information);
-    /// returns how many. Insertions do this a little at a time anyway.
+    /// Drops every key whose bucket is full and that learned no pace (they
+    /// carry no information); returns how many. Insertions do this a little
+    /// at a time anyway.
     pub fn evict_idle(&self) -> usize {
         let now = self.now();
         let mut dropped = 0;
