@@ -86,6 +86,8 @@ pub struct TollgateBuilder<F = ByConnection> {
     max_retry_after: Duration,
     deadline: Option<Duration>,
     learn_rate: bool,
+    #[cfg(feature = "redis")]
+    store: Option<crate::redis::RedisStore>,
 }
 
 /// The layers of the [`Tollgate`] stack as one `tower::Layer`, made by
@@ -122,6 +124,8 @@ impl TollgateBuilder {
             max_retry_after: RetryLayer::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
             learn_rate: true,
+            #[cfg(feature = "redis")]
+            store: None,
         }
     }
 }
@@ -173,6 +177,8 @@ impl<F> TollgateBuilder<F> {
             max_retry_after: self.max_retry_after,
             deadline: self.deadline,
             learn_rate: self.learn_rate,
+            #[cfg(feature = "redis")]
+            store: self.store,
         }
     }
 
@@ -206,6 +212,16 @@ impl<F> TollgateBuilder<F> {
     /// [`RateLimitLayer::learn_rate`]).
     pub fn learn_rate(mut self, learn: bool) -> Self {
         self.learn_rate = learn;
+        self
+    }
+
+    /// Shares each connection's bucket, cool-down and learned pace with
+    /// every process using the same store (see
+    /// [`RateLimitLayer::store`]).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn store(mut self, store: crate::redis::RedisStore) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -243,8 +259,13 @@ impl<F> TollgateBuilder<F> {
         let rate_limit = RateLimitLayer::per_connection(self.quota)
             .max_keys(self.max_keys)
             .max_cool_down(self.max_retry_after)
-            .learn_rate(self.learn_rate)
-            .key_by(self.key_of);
+            .learn_rate(self.learn_rate);
+        #[cfg(feature = "redis")]
+        let rate_limit = match self.store {
+            Some(store) => rate_limit.store(store),
+            None => rate_limit,
+        };
+        let rate_limit = rate_limit.key_by(self.key_of);
         Ok(TollgateLayer {
             gate,
             retry,
@@ -264,8 +285,8 @@ impl<F> TollgateBuilder<F> {
 
 impl<F> std::fmt::Debug for TollgateBuilder<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TollgateBuilder")
-            .field("parallelism", &self.parallelism)
+        let mut f = f.debug_struct("TollgateBuilder");
+        f.field("parallelism", &self.parallelism)
             .field("queue_limit", &self.queue_limit)
             .field("queue_timeout", &self.queue_timeout)
             .field("quota", &self.quota)
@@ -274,7 +295,9 @@ impl<F> std::fmt::Debug for TollgateBuilder<F> {
             .field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
-            .field("learn_rate", &self.learn_rate)
-            .finish()
+            .field("learn_rate", &self.learn_rate);
+        #[cfg(feature = "redis")]
+        f.field("store", &self.store);
+        f.finish()
     }
 }

@@ -37,6 +37,16 @@ pub enum Error {
         /// How long until the connection's next token is ready.
         retry_after: std::time::Duration,
     },
+
+    /// The shared store (feature `redis`) could not be reached or refused
+    /// the connection (wrong password, not a Redis server) when it was
+    /// set up. Once set up, a store that fails is never this error: the
+    /// rate limiter decides locally until the store answers again.
+    #[error("the shared store is unavailable: {reason}")]
+    Store {
+        /// What the store's client said.
+        reason: String,
+    },
 }
 
 impl Error {

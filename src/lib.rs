@@ -143,6 +143,9 @@ pub mod concurrency;
 mod error;
 mod ext;
 pub mod rate_limit;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
 pub mod retry;

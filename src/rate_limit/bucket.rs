@@ -52,6 +52,12 @@ impl Gcra {
         self.t
     }
 
+    /// Nanoseconds of burst tolerance.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn tolerance(&self) -> u64 {
+        self.tau
+    }
+
     /// The same bucket held to at most one request per `interval`, one at
     /// a time: a learned pace. Its only tolerance is for late wake-ups:
     /// tokio's timer ticks in milliseconds, and a pace that lost the time a

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep, Sleep};
 use tower::{BoxError, Service};
 
-use super::service::Shared;
+use super::service::{Asking, Decision, Reporting, Shared};
 use super::waitlist::Ticket;
 use crate::Error;
 
@@ -36,9 +36,13 @@ pin_project! {
         // The ready service and the request, until the request is sent.
         pending: Option<(S, Request<B>)>,
         key: K,
-        // When the request was sent (ns, the buckets' clock), to tell which
-        // throttling episode its response belongs to.
+        // When the request was sent (ns, the buckets' clock; and the store's,
+        // if the store admitted it), to tell which throttling episode its
+        // response belongs to.
         sent_at: u64,
+        fleet_at: Option<u64>,
+        // A throttling response, held while the store records the throttle.
+        held: Option<S::Response>,
         // The request's place in its connection's line, while it waits.
         ticket: Option<Ticket<K>>,
         shared: Arc<Shared<K>>,
@@ -54,8 +58,12 @@ pin_project! {
         InLine,
         // First in line, sleeping until the bucket's next token.
         Sleeping { #[pin] sleep: Sleep },
+        // The head of the line, waiting for the fleet's store to decide.
+        Asking { asking: Asking },
         // The request is with the inner service.
         Called { #[pin] future: F },
+        // The response throttled: telling the fleet before handing it on.
+        Reporting { reporting: Reporting },
     }
 }
 
@@ -70,6 +78,8 @@ where
             pending: Some((service, request)),
             key,
             sent_at: 0,
+            fleet_at: None,
+            held: None,
             ticket: None,
             shared,
         }
@@ -80,7 +90,7 @@ impl<S, B, R, K> Future for ResponseFuture<S, B, K>
 where
     S: Service<Request<B>, Response = Response<R>>,
     S::Error: Into<BoxError>,
-    K: Hash + Eq + Clone + fmt::Debug,
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
 {
     type Output = Result<Response<R>, BoxError>;
 
@@ -91,31 +101,46 @@ where
             Err(invalid) => return Poll::Ready(Err(invalid.clone().into())),
         };
         loop {
-            let first_look = match this.state.as_mut().project() {
+            let decided = match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
                     if let Ok(response) = &result {
-                        this.shared.cool_down_on(
+                        let reporting = this.shared.cool_down_on(
                             this.key,
                             *this.sent_at,
+                            *this.fleet_at,
                             response.status(),
                             response.headers(),
                         );
+                        if let Some(reporting) = reporting {
+                            *this.held = result.ok();
+                            this.state.set(State::Reporting { reporting });
+                            continue;
+                        }
                     }
                     return Poll::Ready(result);
+                }
+                StateProj::Reporting { reporting } => {
+                    ready!(poll_reporting(reporting, cx));
+                    let response = this
+                        .held
+                        .take()
+                        .expect("a throttling response is held while reporting");
+                    return Poll::Ready(Ok(response));
                 }
                 StateProj::Sleeping { sleep } => {
                     ready!(sleep.poll(cx));
                     this.state.set(State::InLine);
                     continue;
                 }
+                StateProj::Asking { asking } => Some(ready!(poll_asking(asking, cx))),
                 StateProj::InLine => {
                     let ticket = this
                         .ticket
                         .as_ref()
                         .expect("a request in line has a ticket");
                     ready!(ticket.poll_head(cx));
-                    false
+                    None
                 }
                 StateProj::Arriving => {
                     if this.shared.waitlists.has_waiters(this.key) {
@@ -123,7 +148,7 @@ where
                         let (ticket, ahead) = this.shared.waitlists.join(this.key);
                         *this.ticket = Some(ticket);
                         let now = buckets.now();
-                        let wait = buckets.wait_behind(this.key, now, ahead as u64);
+                        let wait = this.shared.wait_behind(buckets, this.key, now, ahead);
                         if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
                             *this.ticket = None;
                             return Poll::Ready(Err(refusal));
@@ -137,16 +162,32 @@ where
                         this.state.set(State::InLine);
                         continue;
                     }
-                    true
+                    None
                 }
             };
             // Nobody is ahead of this request: try the bucket.
             let now = buckets.now();
-            match buckets.acquire_at(this.key, now) {
-                Ok(()) => {
+            let decision = match decided {
+                Some(decision) => decision,
+                None => match this.shared.decide(buckets, this.key, now) {
+                    Ok(decision) => decision,
+                    Err(asking) => {
+                        // Hold the line while the store decides, so the
+                        // process asks once at a time per connection.
+                        if this.ticket.is_none() {
+                            *this.ticket = Some(this.shared.waitlists.join(this.key).0);
+                        }
+                        this.state.set(State::Asking { asking });
+                        continue;
+                    }
+                },
+            };
+            match decision {
+                Decision::Admitted { fleet_at } => {
                     // Leaving the line wakes the next request in it.
                     *this.ticket = None;
                     *this.sent_at = now;
+                    *this.fleet_at = fleet_at;
                     this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
                     let (mut service, request) = this
                         .pending
@@ -155,13 +196,12 @@ where
                     let future = service.call(request);
                     this.state.set(State::Called { future });
                 }
-                Err(ready_at) => {
-                    let wait = ready_at - now;
+                Decision::Wait(wait) => {
                     if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
                         *this.ticket = None;
                         return Poll::Ready(Err(refusal));
                     }
-                    if first_look {
+                    if this.ticket.is_none() {
                         let (ticket, _) = this.shared.waitlists.join(this.key);
                         *this.ticket = Some(ticket);
                         tracing::debug!(
@@ -177,6 +217,26 @@ where
             }
         }
     }
+}
+
+#[cfg(feature = "redis")]
+fn poll_asking(asking: &mut Asking, cx: &mut Context<'_>) -> Poll<Decision> {
+    asking.as_mut().poll(cx)
+}
+
+#[cfg(not(feature = "redis"))]
+fn poll_asking(asking: &mut Asking, _: &mut Context<'_>) -> Poll<Decision> {
+    match *asking {}
+}
+
+#[cfg(feature = "redis")]
+fn poll_reporting(reporting: &mut Reporting, cx: &mut Context<'_>) -> Poll<()> {
+    reporting.as_mut().poll(cx)
+}
+
+#[cfg(not(feature = "redis"))]
+fn poll_reporting(reporting: &mut Reporting, _: &mut Context<'_>) -> Poll<()> {
+    match *reporting {}
 }
 
 /// `Error::RateLimited` if `wait` nanoseconds is more than `max_wait`.

@@ -112,6 +112,7 @@ pub(crate) struct Figures {
     pub(crate) waiting: AtomicUsize,
     pub(crate) cool_downs: AtomicU64,
     pub(crate) rate_cuts: AtomicU64,
+    pub(crate) fallbacks: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {
@@ -275,6 +276,18 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             (entry.tat.ready_at(&gcra, now), gcra.interval())
         });
         (ready_at - now).saturating_add(ahead.saturating_mul(interval))
+    }
+
+    /// Nanoseconds between tokens of the quota.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn interval(&self) -> u64 {
+        self.gcra.interval()
+    }
+
+    /// The quota's arithmetic.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn gcra(&self) -> Gcra {
+        self.gcra
     }
 
     pub(crate) fn figures(&self) -> &Arc<Figures> {

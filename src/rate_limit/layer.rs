@@ -29,6 +29,8 @@ pub struct RateLimitLayer<F = ByConnection> {
     max_keys: usize,
     max_cool_down: Duration,
     learn_rate: bool,
+    #[cfg(feature = "redis")]
+    store: Option<crate::redis::RedisStore>,
 }
 
 impl RateLimitLayer {
@@ -58,6 +60,8 @@ impl RateLimitLayer {
             max_keys: Self::DEFAULT_MAX_KEYS,
             max_cool_down: Self::DEFAULT_MAX_COOL_DOWN,
             learn_rate: true,
+            #[cfg(feature = "redis")]
+            store: None,
         }
     }
 }
@@ -73,6 +77,8 @@ impl<F> RateLimitLayer<F> {
             max_keys: self.max_keys,
             max_cool_down: self.max_cool_down,
             learn_rate: self.learn_rate,
+            #[cfg(feature = "redis")]
+            store: self.store,
         }
     }
 
@@ -118,6 +124,18 @@ impl<F> RateLimitLayer<F> {
         self
     }
 
+    /// Keeps each connection's bucket, cool-down and learned pace in a
+    /// store the fleet shares, so every process using the same store and
+    /// prefix holds a connection to one quota. This process's own buckets
+    /// decide only while the store fails. See the [`redis`](crate::redis)
+    /// module.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn store(mut self, store: crate::redis::RedisStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// The quota of every bucket.
     pub fn quota(&self) -> Quota {
         self.quota
@@ -126,14 +144,16 @@ impl<F> RateLimitLayer<F> {
 
 impl<F> fmt::Debug for RateLimitLayer<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimitLayer")
-            .field("quota", &self.quota)
+        let mut f = f.debug_struct("RateLimitLayer");
+        f.field("quota", &self.quota)
             .field("key_of", &std::any::type_name::<F>())
             .field("max_wait", &self.max_wait)
             .field("max_keys", &self.max_keys)
             .field("max_cool_down", &self.max_cool_down)
-            .field("learn_rate", &self.learn_rate)
-            .finish()
+            .field("learn_rate", &self.learn_rate);
+        #[cfg(feature = "redis")]
+        f.field("store", &self.store);
+        f.finish()
     }
 }
 
@@ -143,15 +163,26 @@ impl<S, F: KeyOf + Clone> Layer<S> for RateLimitLayer<F> {
     /// Each call makes a new set of buckets; clone the service, not the
     /// layer, to share them.
     fn layer(&self, inner: S) -> RateLimit<S, F> {
+        #[allow(unused_mut)]
+        let mut shared = Shared::new(
+            Buckets::new(self.quota, self.max_keys),
+            self.max_wait,
+            self.max_cool_down,
+            self.learn_rate,
+        );
+        #[cfg(feature = "redis")]
+        if let (Some(store), Ok(buckets)) = (&self.store, &shared.buckets) {
+            shared.fleet = Some(crate::redis::Fleet::new(
+                store.clone(),
+                buckets.gcra(),
+                self.learn_rate,
+                self.max_keys,
+            ));
+        }
         RateLimit {
             inner,
             key_of: self.key_of.clone(),
-            shared: Arc::new(Shared::new(
-                Buckets::new(self.quota, self.max_keys),
-                self.max_wait,
-                self.max_cool_down,
-                self.learn_rate,
-            )),
+            shared: Arc::new(shared),
         }
     }
 }

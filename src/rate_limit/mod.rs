@@ -114,12 +114,12 @@
 //! # }
 //! ```
 
-mod bucket;
+pub(crate) mod bucket;
 mod future;
 mod key;
 mod keyed;
 mod layer;
-mod pace;
+pub(crate) mod pace;
 mod quota;
 mod service;
 mod waitlist;

@@ -61,7 +61,7 @@ const PROBE_AFTER_SECS: f64 = 300.0;
 /// ...by this share of it per second.
 const PROBE_PER_SEC: f64 = 0.001;
 /// A pace this old is forgotten.
-const FORGET_SECS: f64 = 1800.0;
+pub(crate) const FORGET_SECS: f64 = 1800.0;
 /// How long a server's burst can hide an excess: a 429 `age` seconds after
 /// the key resumed means the pace was about `LAG_SECS / age` above what
 /// the server allows (a token bucket whose burst is a tenth of a second's
@@ -150,13 +150,8 @@ fn tick(now: u64) -> u32 {
 impl Pace {
     /// Nothing learned; `now` starts the count for the first estimate.
     pub(crate) fn new(now: u64) -> Self {
-        let lesson = Lesson {
-            rate: 0.0,
-            estimate: false,
-            tick: tick(now),
-        };
         Pace {
-            state: AtomicU64::new(lesson.pack()),
+            state: AtomicU64::new(fresh(now)),
             admitted: AtomicU32::new(0),
         }
     }
@@ -174,10 +169,7 @@ impl Pace {
 
     /// Nanoseconds between two requests at `now`, if a pace is learned.
     pub(crate) fn interval(&self, now: u64) -> Option<u64> {
-        // Rounded up, so the pace is never exceeded; `as` saturates, and an
-        // infinite rate (a doubled estimate) is one nanosecond.
-        self.rate(now)
-            .map(|rate| ((NANOS_PER_SEC / rate).ceil() as u64).max(1))
+        interval_at(self.state.load(Ordering::Acquire), now)
     }
 
     /// Counts one admission toward the first estimate.
@@ -196,64 +188,117 @@ impl Pace {
         pause: u64,
         quota_rate: f64,
     ) -> Option<f64> {
-        // The lesson dates from when the key sends again: its climb (or
-        // doubling) starts there, and a request sent before is of this
-        // episode.
-        let resume = tick(now.saturating_add(pause));
         let mut current = self.state.load(Ordering::Acquire);
         loop {
-            let lesson = Lesson::unpack(current);
-            let age = lesson.age(now);
-            let learned = match lesson.rate_at(age) {
-                // Sent no later than the lesson's tick: the same episode.
-                Some(_) if (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => return None,
-                Some(rate) => {
-                    // The pace at the 429, less what the server's burst may
-                    // have hidden...
-                    let edge = rate / (1.0 + LAG_SECS / age.max(LAG_SECS));
-                    Lesson {
-                        rate: edge.min(quota_rate),
-                        estimate: false,
-                        tick: resume,
-                    }
-                }
-                None => {
-                    let count = f64::from(self.admitted.load(Ordering::Relaxed));
-                    if count < MIN_SAMPLE {
-                        // Too few requests to tell a rate: the cool-down
-                        // alone holds the key, and the count goes on.
-                        return None;
-                    }
-                    // The server let through at most `count` over the time
-                    // it was sent in, and at least that over the time plus
-                    // the pause it asked for: between the two, geometrically.
-                    let sent_in = age.max(TICK_SECS);
-                    let spread = sent_in + (pause as f64 / NANOS_PER_SEC).max(MIN_ESTIMATE_SECS);
-                    Lesson {
-                        rate: (count / (sent_in * spread).sqrt()).min(quota_rate),
-                        estimate: true,
-                        tick: resume,
-                    }
-                }
-            };
-            let learned = Lesson {
-                rate: learned.rate.max(MIN_RATE),
-                ..learned
-            };
+            let admitted = self.admitted.load(Ordering::Relaxed);
+            let learned = lesson(current, admitted, now, sent_at, pause, quota_rate)?;
             match self.state.compare_exchange_weak(
                 current,
-                learned.pack(),
+                learned,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
                     self.admitted.store(0, Ordering::Relaxed);
-                    return Some(learned.rate);
+                    return rate_of(learned);
                 }
                 Err(actual) => current = actual,
             }
         }
     }
+}
+
+/// A key's pace state (as [`Pace`] keeps it) for a key first seen at `now`
+/// that learned nothing yet. The fleet store keeps the same state in Redis.
+pub(crate) fn fresh(now: u64) -> u64 {
+    Lesson {
+        rate: 0.0,
+        estimate: false,
+        tick: tick(now),
+    }
+    .pack()
+}
+
+/// The lesson's rate in `state`, undecayed: what a lesson set.
+pub(crate) fn rate_of(state: u64) -> Option<f64> {
+    let rate = Lesson::unpack(state).rate;
+    (rate > 0.0).then_some(rate)
+}
+
+/// Nanoseconds between two requests at `now` under `state`, if it holds a
+/// pace that is not forgotten.
+pub(crate) fn interval_at(state: u64, now: u64) -> Option<u64> {
+    if state >> 32 == 0 {
+        return None;
+    }
+    let lesson = Lesson::unpack(state);
+    let rate = lesson.rate_at(lesson.age(now))?;
+    // Rounded up, so the pace is never exceeded; `as` saturates, and an
+    // infinite rate (a doubled estimate) is one nanosecond.
+    Some(((NANOS_PER_SEC / rate).ceil() as u64).max(1))
+}
+
+/// The state after a 429 at `now` on a key in `state`, which admitted
+/// `admitted` requests since its last lesson (or arrival), for a request
+/// sent at `sent_at` that asked for `pause` ns, under a quota of
+/// `quota_rate` requests a second; `None` if it teaches nothing (the same
+/// episode as the last lesson, or too few requests for a first estimate).
+///
+/// Pure, so the in-process [`Pace`] and the fleet store (which keeps the
+/// state in Redis and swaps it with a compare-and-set script) learn alike.
+pub(crate) fn lesson(
+    state: u64,
+    admitted: u32,
+    now: u64,
+    sent_at: u64,
+    pause: u64,
+    quota_rate: f64,
+) -> Option<u64> {
+    // The lesson dates from when the key sends again: its climb (or
+    // doubling) starts there, and a request sent before is of this
+    // episode.
+    let resume = tick(now.saturating_add(pause));
+    let lesson = Lesson::unpack(state);
+    let age = lesson.age(now);
+    let learned = match lesson.rate_at(age) {
+        // Sent no later than the lesson's tick: the same episode.
+        Some(_) if (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => return None,
+        Some(rate) => {
+            // The pace at the 429, less what the server's burst may
+            // have hidden...
+            let edge = rate / (1.0 + LAG_SECS / age.max(LAG_SECS));
+            Lesson {
+                rate: edge.min(quota_rate),
+                estimate: false,
+                tick: resume,
+            }
+        }
+        None => {
+            let count = f64::from(admitted);
+            if count < MIN_SAMPLE {
+                // Too few requests to tell a rate: the cool-down
+                // alone holds the key, and the count goes on.
+                return None;
+            }
+            // The server let through at most `count` over the time
+            // it was sent in, and at least that over the time plus
+            // the pause it asked for: between the two, geometrically.
+            let sent_in = age.max(TICK_SECS);
+            let spread = sent_in + (pause as f64 / NANOS_PER_SEC).max(MIN_ESTIMATE_SECS);
+            Lesson {
+                rate: (count / (sent_in * spread).sqrt()).min(quota_rate),
+                estimate: true,
+                tick: resume,
+            }
+        }
+    };
+    Some(
+        Lesson {
+            rate: learned.rate.max(MIN_RATE),
+            ..learned
+        }
+        .pack(),
+    )
 }
 
 #[cfg(test)]

@@ -30,16 +30,67 @@ where
 }
 
 /// What every clone of one [`RateLimit`] and its futures share.
-pub(super) struct Shared<K> {
+pub(crate) struct Shared<K> {
     pub(super) buckets: Result<Buckets<K>, Error>,
     pub(super) waitlists: Arc<WaitLists<K>>,
     pub(super) figures: Arc<Figures>,
     pub(super) max_wait: Option<Duration>,
     pub(super) max_cool_down: Duration,
     pub(super) learn_rate: bool,
+    // The fleet's shared state, when a store was given; `buckets` then
+    // decide only while the store fails.
+    #[cfg(feature = "redis")]
+    pub(super) fleet: Option<crate::redis::Fleet<K>>,
 }
 
-impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
+/// Whether a request may go: the seam between this process's buckets and
+/// a fleet's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Sent now; `fleet_at` is when by the store's clock (ns), if the store
+    /// decided.
+    Admitted { fleet_at: Option<u64> },
+    /// The next token is this many ns away.
+    Wait(u64),
+}
+
+/// A decision the store is making (a round trip to Redis).
+#[cfg(feature = "redis")]
+pub(crate) type Asking = std::pin::Pin<Box<dyn std::future::Future<Output = Decision> + Send>>;
+/// Without a store no decision is ever pending: the type has no values, and
+/// the code that would poll one compiles away.
+#[cfg(not(feature = "redis"))]
+#[derive(Debug)]
+pub(crate) enum Asking {}
+
+/// A throttle the store is recording before the response is returned.
+#[cfg(feature = "redis")]
+pub(crate) type Reporting = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+#[cfg(not(feature = "redis"))]
+#[derive(Debug)]
+pub(crate) enum Reporting {}
+
+/// What a throttling response asks for: `(Retry-After as read, the pause
+/// to apply)`, or `None` if the response is not throttling: a 429, or a
+/// 503 with `Retry-After` (without one, a 503 is an outage, not a limit).
+fn throttling(
+    status: StatusCode,
+    headers: &HeaderMap,
+    max_cool_down: Duration,
+) -> Option<(Option<Duration>, Duration)> {
+    let too_many = status == StatusCode::TOO_MANY_REQUESTS;
+    if !too_many && status != StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let asked = retry_after::parse(headers, SystemTime::now());
+    if asked.is_none() && !too_many {
+        return None;
+    }
+    let pause = asked.map_or(Duration::ZERO, |asked| asked.min(max_cool_down));
+    Some((asked, pause))
+}
+
+impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Shared<K> {
     pub(super) fn new(
         buckets: Result<Buckets<K>, Error>,
         max_wait: Option<Duration>,
@@ -57,32 +108,134 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
             max_wait,
             max_cool_down,
             learn_rate,
+            #[cfg(feature = "redis")]
+            fleet: None,
         }
+    }
+
+    /// Decides whether the request at the head of `key`'s line may go at
+    /// `now`: on this process's buckets, at once, or (with a store) by a
+    /// round trip to the fleet's, returned as `Err` to await.
+    #[inline]
+    pub(super) fn decide(
+        self: &Arc<Self>,
+        buckets: &Buckets<K>,
+        key: &K,
+        now: u64,
+    ) -> Result<Decision, Asking> {
+        #[cfg(feature = "redis")]
+        if let Some(fleet) = &self.fleet {
+            return self.decide_in_fleet(fleet, buckets, key, now);
+        }
+        Ok(decide_locally(buckets, key, now))
+    }
+
+    #[cfg(feature = "redis")]
+    fn decide_in_fleet(
+        self: &Arc<Self>,
+        fleet: &crate::redis::Fleet<K>,
+        buckets: &Buckets<K>,
+        key: &K,
+        now: u64,
+    ) -> Result<Decision, Asking> {
+        match fleet.leased(key) {
+            Some(Ok(at)) => return Ok(Decision::Admitted { fleet_at: Some(at) }),
+            Some(Err(wait)) => return Ok(Decision::Wait(wait)),
+            None => {}
+        }
+        if !fleet.ask() {
+            self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return Ok(decide_locally(buckets, key, now));
+        }
+        let want = fleet.want(self.waitlists.len(key));
+        let shared = Arc::clone(self);
+        let key = key.clone();
+        Err(Box::pin(async move {
+            let Some(fleet) = &shared.fleet else {
+                unreachable!("asking is only started with a fleet")
+            };
+            match fleet.acquire(&key, want).await {
+                Ok(Ok(at)) => Decision::Admitted { fleet_at: Some(at) },
+                Ok(Err(wait)) => Decision::Wait(wait),
+                Err(failure) => {
+                    fleet.failed(&failure);
+                    shared.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    match &shared.buckets {
+                        Ok(buckets) => decide_locally(buckets, &key, buckets.now()),
+                        Err(_) => unreachable!("a fleet is only made with valid buckets"),
+                    }
+                }
+            }
+        }))
     }
 
     /// Pauses `key` and slows its pace if `status` and `headers` say the
     /// server is throttling a request sent at `sent_at` (ns, the buckets'
-    /// clock): a 429, or a 503 with `Retry-After` (without one, a 503 is an
-    /// outage, not a limit).
+    /// clock; `fleet_at` by the store's, if the store admitted it). With a
+    /// store, returns the round trip that tells the fleet, to await before
+    /// the response is handed on (so the request's own retry sees the
+    /// pause).
     pub(super) fn cool_down_on(
+        self: &Arc<Self>,
+        key: &K,
+        sent_at: u64,
+        fleet_at: Option<u64>,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<Reporting> {
+        let (asked, pause) = throttling(status, headers, self.max_cool_down)?;
+        #[cfg(feature = "redis")]
+        if let Some(fleet) = &self.fleet {
+            if fleet.ask() {
+                let shared = Arc::clone(self);
+                let key = key.clone();
+                return Some(Box::pin(async move {
+                    shared
+                        .tell_fleet(&key, sent_at, fleet_at, status, asked, pause)
+                        .await;
+                }));
+            }
+            self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = fleet_at;
+        self.cool_down_locally(key, sent_at, status, asked, pause);
+        None
+    }
+
+    #[cfg(feature = "redis")]
+    async fn tell_fleet(
+        &self,
+        key: &K,
+        sent_at: u64,
+        fleet_at: Option<u64>,
+        status: StatusCode,
+        asked: Option<Duration>,
+        pause: Duration,
+    ) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        match fleet.throttle(key, fleet_at, nanos(pause)).await {
+            Ok(learned) => self.throttled(key, status, asked, pause, learned),
+            Err(failure) => {
+                fleet.failed(&failure);
+                self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.cool_down_locally(key, sent_at, status, asked, pause);
+            }
+        }
+    }
+
+    fn cool_down_locally(
         &self,
         key: &K,
         sent_at: u64,
         status: StatusCode,
-        headers: &HeaderMap,
+        asked: Option<Duration>,
+        pause: Duration,
     ) {
-        let too_many = status == StatusCode::TOO_MANY_REQUESTS;
-        if !too_many && status != StatusCode::SERVICE_UNAVAILABLE {
-            return;
-        }
         let Ok(buckets) = &self.buckets else {
             return;
         };
-        let asked = retry_after::parse(headers, SystemTime::now());
-        if asked.is_none() && !too_many {
-            return;
-        }
-        let pause = asked.map_or(Duration::ZERO, |asked| asked.min(self.max_cool_down));
         let now = buckets.now();
         let learned = if self.learn_rate {
             buckets.throttled_at(key, now, sent_at, nanos(pause))
@@ -92,6 +245,18 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
             }
             None
         };
+        self.throttled(key, status, asked, pause, learned);
+    }
+
+    /// Counts and logs a throttle that was applied.
+    fn throttled(
+        &self,
+        key: &K,
+        status: StatusCode,
+        asked: Option<Duration>,
+        pause: Duration,
+        learned: Option<f64>,
+    ) {
         if !pause.is_zero() {
             self.figures.cool_downs.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
@@ -113,6 +278,33 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug> Shared<K> {
                 "pacing the connection (requests per second)"
             );
         }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Shared<K> {
+    /// Nanoseconds from `now` until a request behind `ahead` others on
+    /// `key` would get its token: from this process's bucket, or, with a
+    /// store (whose bucket is a round trip away), at least `ahead` tokens'
+    /// time.
+    pub(super) fn wait_behind(&self, buckets: &Buckets<K>, key: &K, now: u64, ahead: usize) -> u64 {
+        #[cfg(feature = "redis")]
+        if self.fleet.is_some() {
+            return buckets.interval().saturating_mul(ahead as u64);
+        }
+        buckets.wait_behind(key, now, ahead as u64)
+    }
+}
+
+/// The decision of this process's own buckets.
+#[inline]
+fn decide_locally<K: std::hash::Hash + Eq + Clone>(
+    buckets: &Buckets<K>,
+    key: &K,
+    now: u64,
+) -> Decision {
+    match buckets.acquire_at(key, now) {
+        Ok(()) => Decision::Admitted { fleet_at: None },
+        Err(ready_at) => Decision::Wait(ready_at - now),
     }
 }
 
@@ -217,6 +409,13 @@ impl RateLimitHandle {
     /// learned or cut (once per throttling episode, not per 429).
     pub fn rate_cuts(&self) -> u64 {
         self.figures.rate_cuts.load(Ordering::Relaxed)
+    }
+
+    /// Decisions made on this process's own buckets because the shared
+    /// store (feature `redis`) failed, timed out, or was in an outage;
+    /// always zero without a store.
+    pub fn fallbacks(&self) -> u64 {
+        self.figures.fallbacks.load(Ordering::Relaxed)
     }
 
     /// Keys evicted while their bucket was not yet full, so that what they

@@ -49,6 +49,15 @@ impl<K: Hash + Eq + Clone> WaitLists<K> {
         self.figures.waiting.load(Ordering::Acquire) > 0 && self.lock().contains_key(key)
     }
 
+    /// How many requests wait on `key`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn len(&self, key: &K) -> usize {
+        if self.figures.waiting.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        self.lock().get(key).map_or(0, VecDeque::len)
+    }
+
     /// Joins the end of `key`'s list; also says how many wait ahead.
     pub(crate) fn join(self: &Arc<Self>, key: &K) -> (Ticket<K>, usize) {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);

@@ -3,6 +3,8 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::future::Future;
 use std::time::Duration;
 
