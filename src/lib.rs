@@ -18,6 +18,9 @@
 //! - [`concurrency`]: at most `parallelism` requests in flight, a FIFO
 //!   queue of `10 + parallelism` more, and an immediate, typed refusal
 //!   beyond ([`ConcurrencyGateLayer`]).
+//! - `redis` (feature `redis`): each connection's bucket, cool-down and
+//!   learned pace shared by a fleet of processes through Redis, so N
+//!   workers hold a connection to one quota.
 //! - [`testing`]: a scripted mock server that records when each attempt
 //!   arrived, to unit-test a backoff in virtual time.
 //!
@@ -59,6 +62,7 @@
 //! | the server (or API) has a documented quota per connection, key or tenant | [`RateLimitLayer`] with a [`Quota`] |
 //! | a burst of work must not all hit the server at once, and overload should be refused | [`ConcurrencyGateLayer`] |
 //! | all of it, with defaults from Power Automate | [`Tollgate::builder`] |
+//! | many processes (pods, workers) share one server's quota | `redis::RedisStore` (feature `redis`) given to `.store(..)` |
 //!
 //! # The default stack
 //!
@@ -158,8 +162,8 @@ pub use ext::ServiceBuilderExt;
 pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};
 
-/// The README's examples, compiled and run as doctests (with feature
-/// `reqwest`: one of them wraps a reqwest client; CI runs all features).
-#[cfg(all(doctest, feature = "reqwest"))]
+/// The README's examples, compiled and run as doctests (with features
+/// `reqwest` and `redis`, which two of them use; CI runs all features).
+#[cfg(all(doctest, feature = "reqwest", feature = "redis"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

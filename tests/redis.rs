@@ -1,7 +1,10 @@
 //! The fleet store against a real `redis-server`, started by each test on a
 //! free 127.0.0.1 port. Redis's clock cannot be paused, so these tests run
 //! in real time, each a few seconds at most; they assert counts, each with
-//! its tolerance stated, never speeds.
+//! its tolerance stated, never speeds. The tests run side by side (four of
+//! them start 4 processes each), so each store is given a timeout far above
+//! a loaded machine's round trip: a decision that timed out would be made
+//! locally, which is the outage test's subject, not theirs.
 
 mod common;
 
@@ -43,6 +46,9 @@ fn worst_excess(times: &[u64], rate: f64, burst: f64) -> f64 {
     worst
 }
 
+/// A store timeout no round trip reaches, even on a loaded machine.
+const PATIENT: Duration = Duration::from_secs(5);
+
 const FLEET_QUOTA: u32 = 50;
 const FLEET_BURST: u32 = 10;
 const FLEET_SECS: u64 = 3;
@@ -71,7 +77,11 @@ fn fleet_worker() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let store = RedisStore::connect(&url).await.unwrap().lease(lease);
+        let store = RedisStore::connect(&url)
+            .await
+            .unwrap()
+            .lease(lease)
+            .timeout(PATIENT);
         let sent: Arc<Mutex<Vec<u64>>> = Arc::default();
         let record = Arc::clone(&sent);
         let server = tower::service_fn(move |_: Request<()>| {
@@ -185,13 +195,14 @@ fn four_processes_share_one_quota() {
     check_fleet(&workers, 0.0);
 }
 
-/// Leasing up to 8 tokens a round trip stays within the documented bound:
-/// the quota plus one burst plus `lease - 1` per process.
+/// Leasing up to 8 tokens a round trip sends no faster: each leased token
+/// goes at the time the bucket would have admitted it, so with no pause the
+/// fleet stays within the quota plus one burst, as without leases.
 #[test]
-fn four_processes_leasing_stay_within_the_bound() {
+fn four_processes_leasing_stay_within_the_quota() {
     let server = RedisServer::start();
     let (workers, _, _) = run_fleet(&server, 8);
-    check_fleet(&workers, 4.0 * 7.0);
+    check_fleet(&workers, 0.0);
 }
 
 /// (b) A 429 seen by one process pauses the connection for the others: a
@@ -200,7 +211,10 @@ fn four_processes_leasing_stay_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_seen_by_one_pauses_the_others() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .timeout(PATIENT);
     let throttling = Script::new().reply(Reply::status(429).retry_after(Duration::from_secs(2)));
     let first = RateLimitLayer::per_connection(Quota::per_second(100))
         .store(store.clone())
@@ -234,7 +248,10 @@ async fn a_429_seen_by_one_pauses_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_learned_pace_is_shared() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .timeout(PATIENT);
     let mut replies = Script::new();
     for _ in 0..20 {
         replies = replies.reply(200);
@@ -252,7 +269,12 @@ async fn the_learned_pace_is_shared() {
             .await
             .unwrap();
     }
-    assert_eq!(learner.handle().rate_cuts(), 1);
+    assert_eq!(
+        learner.handle().rate_cuts(),
+        1,
+        "fallbacks {}",
+        learner.handle().fallbacks()
+    );
     let other = RateLimitLayer::per_connection(Quota::unlimited())
         .store(store)
         .max_wait(Duration::ZERO)
@@ -291,7 +313,7 @@ async fn an_outage_loses_nothing_and_ends() {
     let store = RedisStore::connect(&server.url())
         .await
         .unwrap()
-        .timeout(Duration::from_millis(50));
+        .timeout(Duration::from_millis(500));
     let sent = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&sent);
     let inner = tower::service_fn(move |_: Request<()>| {
@@ -334,7 +356,10 @@ async fn an_outage_loses_nothing_and_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_expire_from_redis() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .timeout(PATIENT);
     let client = RateLimitLayer::per_connection(Quota::per_second(10))
         .store(store)
         .layer(Script::new().service());
@@ -352,10 +377,11 @@ async fn idle_connections_expire_from_redis() {
     assert_eq!(failed, 0);
     eprintln!("100,000 connections through Redis in {:?}", began.elapsed());
     assert!(server.keys() > 1_000, "the keys were written");
-    // Each expires 100 ms after its request (the bucket full again); Redis
+    // Each expires 1.1 s after its request (the bucket full again after
+    // 100 ms, plus the second a first estimate may count over); Redis
     // reclaims expired keys in the background, a few seconds at most.
     let mut keys = server.keys();
-    for _ in 0..40 {
+    for _ in 0..60 {
         if keys == 0 {
             break;
         }

@@ -32,7 +32,7 @@ pin_project! {
         K: Clone,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, S::Response>,
         // The ready service and the request, until the request is sent.
         pending: Option<(S, Request<B>)>,
         key: K,
@@ -40,9 +40,7 @@ pin_project! {
         // if the store admitted it), to tell which throttling episode its
         // response belongs to.
         sent_at: u64,
-        fleet_at: Option<u64>,
-        // A throttling response, held while the store records the throttle.
-        held: Option<S::Response>,
+        fleet_at: FleetAt,
         // The request's place in its connection's line, while it waits.
         ticket: Option<Ticket<K>>,
         shared: Arc<Shared<K>>,
@@ -51,7 +49,7 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, R> {
         // First look: straight to the bucket if no one waits on the key.
         Arriving,
         // In line: waiting to be first, then trying the bucket.
@@ -63,7 +61,7 @@ pin_project! {
         // The request is with the inner service.
         Called { #[pin] future: F },
         // The response throttled: telling the fleet before handing it on.
-        Reporting { reporting: Reporting },
+        Reporting { reporting: Reporting, held: Option<R> },
     }
 }
 
@@ -78,8 +76,7 @@ where
             pending: Some((service, request)),
             key,
             sent_at: 0,
-            fleet_at: None,
-            held: None,
+            fleet_at: FleetAt::default(),
             ticket: None,
             shared,
         }
@@ -108,22 +105,21 @@ where
                         let reporting = this.shared.cool_down_on(
                             this.key,
                             *this.sent_at,
-                            *this.fleet_at,
+                            fleet_at(this.fleet_at),
                             response.status(),
                             response.headers(),
                         );
                         if let Some(reporting) = reporting {
-                            *this.held = result.ok();
-                            this.state.set(State::Reporting { reporting });
+                            let held = result.ok();
+                            this.state.set(State::Reporting { reporting, held });
                             continue;
                         }
                     }
                     return Poll::Ready(result);
                 }
-                StateProj::Reporting { reporting } => {
+                StateProj::Reporting { reporting, held } => {
                     ready!(poll_reporting(reporting, cx));
-                    let response = this
-                        .held
+                    let response = held
                         .take()
                         .expect("a throttling response is held while reporting");
                     return Poll::Ready(Ok(response));
@@ -143,10 +139,17 @@ where
                     None
                 }
                 StateProj::Arriving => {
-                    if this.shared.waitlists.has_waiters(this.key) {
-                        // Others wait on this connection: queue behind them.
+                    // With a store, every request takes its place in line
+                    // first, so a process asks the store once at a time per
+                    // connection; without, only when others already wait.
+                    if this.shared.holds_line() || this.shared.waitlists.has_waiters(this.key) {
                         let (ticket, ahead) = this.shared.waitlists.join(this.key);
                         *this.ticket = Some(ticket);
+                        if ahead == 0 {
+                            // First in line: straight to the bucket.
+                            this.state.set(State::InLine);
+                            continue;
+                        }
                         let now = buckets.now();
                         let wait = this.shared.wait_behind(buckets, this.key, now, ahead);
                         if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
@@ -187,7 +190,7 @@ where
                     // Leaving the line wakes the next request in it.
                     *this.ticket = None;
                     *this.sent_at = now;
-                    *this.fleet_at = fleet_at;
+                    *this.fleet_at = into_fleet_at(fleet_at);
                     this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
                     let (mut service, request) = this
                         .pending
@@ -218,6 +221,31 @@ where
         }
     }
 }
+
+/// When the store admitted the request (ns of its clock); nothing to keep
+/// without the feature.
+#[cfg(feature = "redis")]
+type FleetAt = Option<u64>;
+#[cfg(not(feature = "redis"))]
+type FleetAt = ();
+
+#[cfg(feature = "redis")]
+fn fleet_at(at: &FleetAt) -> Option<u64> {
+    *at
+}
+
+#[cfg(not(feature = "redis"))]
+fn fleet_at(_: &FleetAt) -> Option<u64> {
+    None
+}
+
+#[cfg(feature = "redis")]
+fn into_fleet_at(at: Option<u64>) -> FleetAt {
+    at
+}
+
+#[cfg(not(feature = "redis"))]
+fn into_fleet_at(_: Option<u64>) -> FleetAt {}
 
 #[cfg(feature = "redis")]
 fn poll_asking(asking: &mut Asking, cx: &mut Context<'_>) -> Poll<Decision> {

@@ -113,6 +113,16 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         }
     }
 
+    /// Whether every request joins its connection's line before trying the
+    /// bucket (with a store: see `future.rs`).
+    #[inline]
+    pub(super) fn holds_line(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.fleet.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
+    }
+
     /// Decides whether the request at the head of `key`'s line may go at
     /// `now`: on this process's buckets, at once, or (with a store) by a
     /// round trip to the fleet's, returned as `Err` to await.
@@ -149,20 +159,34 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         }
         let want = fleet.want(self.waitlists.len(key));
         let shared = Arc::clone(self);
-        let key = key.clone();
-        Err(Box::pin(async move {
+        let asking_key = key.clone();
+        // A task of its own, so that what Redis answers is recorded (a
+        // reserved token kept for the next request in line) even if this
+        // request is dropped meanwhile.
+        let asking = tokio::spawn(async move {
             let Some(fleet) = &shared.fleet else {
-                unreachable!("asking is only started with a fleet")
+                return None;
             };
-            match fleet.acquire(&key, want).await {
-                Ok(Ok(at)) => Decision::Admitted { fleet_at: Some(at) },
-                Ok(Err(wait)) => Decision::Wait(wait),
+            match fleet.acquire(&asking_key, want).await {
+                Ok(Ok(at)) => Some(Decision::Admitted { fleet_at: Some(at) }),
+                Ok(Err(wait)) => Some(Decision::Wait(wait)),
                 Err(failure) => {
                     fleet.failed(&failure);
+                    None
+                }
+            }
+        });
+        let shared = Arc::clone(self);
+        let key = key.clone();
+        Err(Box::pin(async move {
+            match asking.await {
+                Ok(Some(decision)) => decision,
+                // The store failed (or the task did): this process decides.
+                _ => {
                     shared.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
                     match &shared.buckets {
                         Ok(buckets) => decide_locally(buckets, &key, buckets.now()),
-                        Err(_) => unreachable!("a fleet is only made with valid buckets"),
+                        Err(_) => Decision::Wait(0),
                     }
                 }
             }
@@ -186,45 +210,44 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         let (asked, pause) = throttling(status, headers, self.max_cool_down)?;
         #[cfg(feature = "redis")]
         if let Some(fleet) = &self.fleet {
+            // At once, whatever the store does: this process's own buckets
+            // hold the pause (they decide if the store fails), and what it
+            // reserved would go into the pause.
+            fleet.void_lease(key);
             if fleet.ask() {
+                self.cool_down_locally(key, sent_at, status, asked, pause, false);
                 let shared = Arc::clone(self);
                 let key = key.clone();
+                // A task of its own, so a caller that drops the response
+                // future does not drop the fleet's cool-down with it.
+                let telling = tokio::spawn(async move {
+                    let Some(fleet) = &shared.fleet else {
+                        return;
+                    };
+                    match fleet.throttle(&key, fleet_at, nanos(pause)).await {
+                        Ok(learned) => shared.throttled(&key, status, asked, pause, learned),
+                        Err(failure) => {
+                            fleet.failed(&failure);
+                            shared.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
+                            shared.throttled(&key, status, asked, pause, None);
+                        }
+                    }
+                });
                 return Some(Box::pin(async move {
-                    shared
-                        .tell_fleet(&key, sent_at, fleet_at, status, asked, pause)
-                        .await;
+                    let _ = telling.await;
                 }));
             }
             self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
+            self.cool_down_locally(key, sent_at, status, asked, pause, true);
+            return None;
         }
         let _ = fleet_at;
-        self.cool_down_locally(key, sent_at, status, asked, pause);
+        self.cool_down_locally(key, sent_at, status, asked, pause, true);
         None
     }
 
-    #[cfg(feature = "redis")]
-    async fn tell_fleet(
-        &self,
-        key: &K,
-        sent_at: u64,
-        fleet_at: Option<u64>,
-        status: StatusCode,
-        asked: Option<Duration>,
-        pause: Duration,
-    ) {
-        let Some(fleet) = &self.fleet else {
-            return;
-        };
-        match fleet.throttle(key, fleet_at, nanos(pause)).await {
-            Ok(learned) => self.throttled(key, status, asked, pause, learned),
-            Err(failure) => {
-                fleet.failed(&failure);
-                self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
-                self.cool_down_locally(key, sent_at, status, asked, pause);
-            }
-        }
-    }
-
+    /// Applies a throttle to this process's buckets; counts and logs it
+    /// if `counted` (with a store, the store's outcome is what counts).
     fn cool_down_locally(
         &self,
         key: &K,
@@ -232,6 +255,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         status: StatusCode,
         asked: Option<Duration>,
         pause: Duration,
+        counted: bool,
     ) {
         let Ok(buckets) = &self.buckets else {
             return;
@@ -245,7 +269,9 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
             }
             None
         };
-        self.throttled(key, status, asked, pause, learned);
+        if counted {
+            self.throttled(key, status, asked, pause, learned);
+        }
     }
 
     /// Counts and logs a throttle that was applied.

@@ -128,9 +128,12 @@ impl Clock {
 
 /// Whether Redis is answering; while it is not, one request a second asks.
 struct Outage {
-    // Local µs of the next probe; 0 while Redis answers.
+    // Local µs of the next probe; 0 while Redis answers. One atomic, so
+    // the change from 0 (an outage starts: warn) and back (it ends) is
+    // seen by exactly one caller each.
     next_probe: AtomicU64,
-    warned: AtomicBool,
+    // Whether an answer about one key (not an outage) was logged already.
+    odd_logged: AtomicBool,
 }
 
 impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
@@ -144,7 +147,7 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
             known: Mutex::new(HashMap::new()),
             outage: Outage {
                 next_probe: AtomicU64::new(0),
-                warned: AtomicBool::new(false),
+                odd_logged: AtomicBool::new(false),
             },
         }
     }
@@ -207,15 +210,35 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
                 .is_ok()
     }
 
-    /// A decision could not be had from Redis: an outage starts (logged
-    /// once) or goes on.
+    /// A decision could not be had from Redis. If Redis is unreachable,
+    /// stalled or restarting, an outage starts (logged once) or goes on;
+    /// an answer about one key (a script error, an odd reply) is logged
+    /// and that decision alone is made locally.
     pub(crate) fn failed(&self, failure: &Failure) {
-        if matches!(failure, Failure::Stale) {
+        let unreachable = match failure {
+            Failure::Timeout(_) => true,
+            Failure::Redis(error) => {
+                error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout()
+                    || error.is_unrecoverable_error()
+            }
+            Failure::Malformed | Failure::Stale => false,
+        };
+        if !unreachable {
+            // Once: a bad key fails each of its decisions alike.
+            if !self.outage.odd_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "tollgate::redis",
+                    error = %failure,
+                    "the shared store could not decide: deciding such requests locally"
+                );
+            }
             return;
         }
         let next = (self.clock.local().max(0) as u64 + PROBE_EVERY_US).max(1);
-        self.outage.next_probe.store(next, Ordering::Release);
-        if !self.outage.warned.swap(true, Ordering::AcqRel) {
+        if self.outage.next_probe.swap(next, Ordering::AcqRel) == 0 {
             tracing::warn!(
                 target: "tollgate::redis",
                 error = %failure,
@@ -226,10 +249,18 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
 
     fn answered(&self, now: u64) {
         self.clock.saw(now);
-        if self.outage.next_probe.swap(0, Ordering::AcqRel) != 0
-            && self.outage.warned.swap(false, Ordering::AcqRel)
+        if self.outage.next_probe.load(Ordering::Acquire) != 0
+            && self.outage.next_probe.swap(0, Ordering::AcqRel) != 0
         {
             tracing::info!(target: "tollgate::redis", "the shared store answers again");
+        }
+    }
+
+    /// Drops this process's lease on `key`: what it reserved would be sent
+    /// into the pause a 429 just started.
+    pub(crate) fn void_lease(&self, key: &K) {
+        if let Some(entry) = self.known().get_mut(key) {
+            entry.lease = None;
         }
     }
 
@@ -242,8 +273,8 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
     }
 
     /// Keeps what `reply` said of `key`'s stored state, and `lease` if
-    /// it brought one; returns the first leased token as
-    /// [`leased`](Fleet::leased) would.
+    /// it brought one (a reply without one leaves the current lease); returns
+    /// the next leased token as [`leased`](Fleet::leased) would.
     fn remember(&self, key: &K, reply: &Reply, lease: Option<Lease>) -> Option<Result<u64, u64>> {
         let mut known = self.known();
         if known.len() >= self.max_keys && !known.contains_key(key) {
@@ -254,7 +285,9 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
         let entry = known.entry(key.clone()).or_default();
         entry.pace = Some(reply.pace);
         entry.n = reply.n;
-        entry.lease = lease;
+        if lease.is_some() {
+            entry.lease = lease;
+        }
         Self::spend(entry, reply.now)
     }
 
@@ -271,13 +304,10 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
             invocation.arg(arg);
         }
         let mut connection = self.store.connection.clone();
-        let value = tokio::time::timeout(
-            self.store.timeout,
-            invocation.invoke_async::<Value>(&mut connection),
-        )
-        .await
-        .map_err(|_| Failure::Timeout(self.store.timeout))?
-        .map_err(Failure::Redis)?;
+        let value = invocation
+            .invoke_async::<Value>(&mut connection)
+            .await
+            .map_err(Failure::Redis)?;
         let reply = Reply::parse(&value)?;
         self.answered(reply.now);
         Ok(reply)
@@ -294,6 +324,13 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
     /// in the order they asked, where a race for each token would go to
     /// whoever has the fastest timer and the shortest trip to Redis.
     pub(crate) async fn acquire(&self, key: &K, want: u32) -> Result<Result<u64, u64>, Failure> {
+        let limit = self.store.timeout;
+        tokio::time::timeout(limit, self.acquire_within(key, want))
+            .await
+            .map_err(|_| Failure::Timeout(limit))?
+    }
+
+    async fn acquire_within(&self, key: &K, want: u32) -> Result<Result<u64, u64>, Failure> {
         let ahead = RedisStore::LEASE_AHEAD.as_micros() as u64;
         for _ in 0..STALE_TRIES {
             let now = self.clock.now();
@@ -316,7 +353,7 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
                     tau: gcra.tolerance() as f64 / 1_000.0,
                     next: 0,
                     taken,
-                    expires: reply.now + 2 * ahead,
+                    expires: reply.now.saturating_add(2 * ahead),
                 }),
                 _ => None,
             };
@@ -339,6 +376,18 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
     /// ns: pauses the connection for the fleet and, if the episode is new,
     /// stores the pace it teaches. Returns the pace learned.
     pub(crate) async fn throttle(
+        &self,
+        key: &K,
+        sent_at: Option<u64>,
+        pause: u64,
+    ) -> Result<Option<f64>, Failure> {
+        let limit = self.store.timeout;
+        tokio::time::timeout(limit, self.throttle_within(key, sent_at, pause))
+            .await
+            .map_err(|_| Failure::Timeout(limit))?
+    }
+
+    async fn throttle_within(
         &self,
         key: &K,
         sent_at: Option<u64>,

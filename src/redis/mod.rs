@@ -16,8 +16,10 @@
 //!   longest pause wins), and the pace it teaches is stored with the
 //!   bucket, so the fleet learns once: a member whose 429 belongs to an
 //!   episode another member already learned from learns nothing more;
-//! - **keys `{prefix:connection}`**, hash-tagged so a cluster keeps a
-//!   connection in one slot, each with a TTL that ends when its state
+//! - **keys `{prefix:connection}`** (the connection key's `Debug` text),
+//!   hash-tagged so a proxy in front of a cluster keeps a connection in one
+//!   slot (redis-rs's `ConnectionManager` speaks to one server, not to a
+//!   cluster directly), each with a TTL that ends when its state
 //!   carries nothing a new key's would not (bucket full, no pace learned):
 //!   Redis holds only the connections in use, however many pass through;
 //! - **a fair line across the fleet**: within a process, requests on a
@@ -25,7 +27,10 @@
 //!   token is at most [`LEASE_AHEAD`](RedisStore::LEASE_AHEAD) away, the
 //!   script *reserves* it for the asker, who sends at the token's time
 //!   without asking again. So members waiting on a connection are served
-//!   in the order they asked, one token each in turn; a race for each
+//!   in the order they asked, one token each in turn (without leases); a
+//!   member whose next token is further away asks again when it is within
+//!   reach, so after a long pause the members race once for their places
+//!   in line, not for every token. A race for each
 //!   token would go to whoever has the fastest timer and the shortest trip
 //!   to Redis (it gave 4 processes shares of 46/47/42/20; reserving,
 //!   40/38/39/38: `tests/redis.rs` asserts each at least half an equal
@@ -41,10 +46,13 @@
 //! 429 and pauses the connection, a process may still send what it
 //! reserved before it heard. **Bound**: in any window a connection's fleet
 //! sends at most what its quota admits, and at most `lease` requests per
-//! process into another member's pause (1 without leasing: the one
-//! reservation). Unspent tokens expire `2 × LEASE_AHEAD` after they were
-//! reserved (a worker that crashed forfeits them, it never holds them),
-//! and a process's own 429 voids its lease at once.
+//! limiter (a `RateLimit` and its clones, usually one per process) into
+//! another member's pause (1 without leasing: the one reservation).
+//! Unspent tokens expire `2 × LEASE_AHEAD` after they were reserved: a
+//! worker that crashed, or a lease voided by a 429, loses the fleet those
+//! tokens (they were taken from the bucket), but never holds them longer.
+//! A process's own 429 voids its lease at once. A decision that times out
+//! after Redis made it is made again locally: that token is spent twice.
 //!
 //! # When Redis fails
 //!
@@ -79,10 +87,12 @@
 //! # }
 //! ```
 //!
-//! # Rust version
+//! # Requirements
 //!
-//! redis-rs 1.x declares Rust 1.88, so this feature needs 1.88; the rest of
-//! the crate builds with 1.85.
+//! Redis 5.0 or newer (the scripts read `TIME` and then write). A store is
+//! used on the tokio runtime it was connected on (its connection's task
+//! runs there). redis-rs 1.x declares Rust 1.88, so this feature needs
+//! 1.88; the rest of the crate builds with 1.85.
 
 mod fleet;
 mod script;
@@ -124,10 +134,11 @@ impl RedisStore {
     pub const DEFAULT_PREFIX: &'static str = "tollgate";
 
     /// How long a decision may take before it is made locally, unless set:
-    /// 100 ms. A decision on a healthy Redis nearby takes well under a
-    /// millisecond (`BENCHMARKS.md`), so this only trips on a Redis that is
-    /// gone or stalled, and a request never waits longer than this for the
-    /// store.
+    /// 100 ms. A decision on a healthy Redis nearby takes about 0.1 ms
+    /// (`BENCHMARKS.md`), so this only trips on a Redis that is gone or
+    /// stalled. A request waits at most this long for the store to admit
+    /// it, and a throttling (429) response at most this long more while the
+    /// fleet is told.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 
     /// How far ahead a token may be reserved: 100 ms. Long enough that a
@@ -136,6 +147,11 @@ impl RedisStore {
     /// reserved just before another member's 429 sends little into the
     /// pause.
     pub const LEASE_AHEAD: Duration = Duration::from_millis(100);
+
+    /// The most tokens one round trip reserves: 1,024, beyond any gain (a
+    /// round trip on 127.0.0.1 takes ~0.1 ms) and short of tying up what
+    /// the fleet shares.
+    pub const MAX_LEASE: u32 = 1_024;
 
     /// How long connecting may take: 5 seconds.
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -214,9 +230,9 @@ impl RedisStore {
     /// lease). A process asks for as many as it has requests waiting on
     /// the connection, up to `tokens`; see "Leases" in the
     /// [module docs](crate::redis) for the bound on overshoot. Zero is
-    /// taken as 1.
+    /// taken as 1, more than [`MAX_LEASE`](RedisStore::MAX_LEASE) as that.
     pub fn lease(mut self, tokens: u32) -> RedisStore {
-        self.lease = tokens.max(1);
+        self.lease = tokens.clamp(1, Self::MAX_LEASE);
         self
     }
 

@@ -17,7 +17,15 @@
 //!
 //! Each write sets the hash's TTL to when its state would carry nothing a
 //! new key's would not: the bucket full again, plus the time a learned pace
-//! is kept. Redis's memory is then bounded by the connections in use.
+//! is kept, plus a second so that the count behind a first estimate of the
+//! pace survives short gaps (without it, a connection with no quota would
+//! be forgotten a millisecond after each request). Redis's memory is then
+//! bounded by the connections in use in the last second or so.
+//!
+//! A field that is not what these scripts write (another program's value
+//! under the same name, a NaN) is replaced by a new key's state rather than
+//! failing every decision on the connection. The scripts read `TIME` and
+//! then write, which Redis allows from 5.0 (effects replication).
 
 use std::str::FromStr;
 
@@ -43,7 +51,7 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local h = redis.call('HMGET', KEYS[1], 'tat', 'pace', 'n')
 local pace, n = h[2], tonumber(h[3]) or 0
-if not pace then pace, n = ARGV[2], 0 end
+if not pace or not tonumber(pace) then pace, n = ARGV[2], 0 end
 local learned = tonumber(pace) >= 4294967296
 local assumed = (tonumber(ARGV[1]) or 0) >= 4294967296
 if pace ~= ARGV[1] and (learned or assumed) then
@@ -51,22 +59,20 @@ if pace ~= ARGV[1] and (learned or assumed) then
 end
 local t, tau = tonumber(ARGV[3]), tonumber(ARGV[4])
 local want, ahead = tonumber(ARGV[5]), tonumber(ARGV[6])
-local tat = tonumber(h[1]) or now
+local tat = tonumber(h[1])
+if not tat or tat ~= tat or tat == math.huge or tat == -math.huge then tat = now end
 if tat - tau > now + ahead then
   return {1, now, pace, n, math.ceil(tat - tau - now - ahead)}
 end
 local base = math.max(tat, now)
-local taken = 1
-while taken < want and base + taken * t - tau <= now + ahead do
-  taken = taken + 1
-end
+local taken = math.max(1, math.min(want, math.floor((now + ahead + tau - base) / t) + 1))
 tat = base + taken * t
-n = n + taken
+n = math.min(n + taken, 4294967295)
 redis.call('HSET', KEYS[1], 'tat', string.format('%.17g', tat), 'pace', pace, 'n', n)
-local keep = math.ceil((tat - now) / 1000) + 1
+local keep = math.max(math.ceil((tat - now) / 1000), 0) + 1000
 if learned then keep = keep + tonumber(ARGV[7]) end
 redis.call('PEXPIRE', KEYS[1], keep)
-return {2, now, pace, n, taken, math.floor(base)}
+return {2, now, pace, n, taken, math.ceil(base)}
 ";
 
 /// Pauses a connection and stores a lesson, after a 429 (or a 503 with
@@ -84,8 +90,9 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local h = redis.call('HMGET', KEYS[1], 'tat', 'pace', 'n')
 local pace, n = h[2], tonumber(h[3]) or 0
-if not pace then pace, n = ARGV[7], 0 end
-local tat = tonumber(h[1]) or now
+if not pace or not tonumber(pace) then pace, n = ARGV[7], 0 end
+local tat = tonumber(h[1])
+if not tat or tat ~= tat or tat == math.huge or tat == -math.huge then tat = now end
 local after = tonumber(ARGV[5])
 if ARGV[2] ~= '' then
   if pace ~= ARGV[1] then
@@ -99,7 +106,7 @@ if pause > 0 then
   tat = math.max(tat, now + pause + after)
 end
 redis.call('HSET', KEYS[1], 'tat', string.format('%.17g', tat), 'pace', pace, 'n', n)
-local keep = math.ceil((tat - now) / 1000) + 1
+local keep = math.max(math.ceil((tat - now) / 1000), 0) + 1000
 if tonumber(pace) >= 4294967296 then keep = keep + tonumber(ARGV[6]) end
 redis.call('PEXPIRE', KEYS[1], keep)
 return {3, now, pace, n}
@@ -146,7 +153,10 @@ impl Reply {
             0 => Outcome::Stale,
             1 => Outcome::Wait(number(field(4)?)?),
             2 => Outcome::Taken {
-                taken: number(field(4)?)?,
+                taken: match number(field(4)?)? {
+                    0 => return Err(Malformed),
+                    taken => taken,
+                },
                 base: number(field(5)?)?,
             },
             3 => Outcome::Done,
@@ -224,6 +234,7 @@ mod tests {
             vec![int(0), int(5), text("not a number"), int(1)],
             vec![int(2), int(5), int(1), int(1), int(i64::MAX), int(1)],
             vec![text("x"), int(5), int(1), int(1)],
+            vec![int(2), int(5), int(1), int(1), int(0), int(1)],
             vec![Value::Nil, int(5), int(1), int(1)],
         ];
         for items in bad {
