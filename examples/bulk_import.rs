@@ -20,6 +20,8 @@
 
 mod common;
 
+use common::{lead, CONNECTIONS};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,11 +34,10 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
-use tollgate::{Backoff, ConnectionKey, Error, Jitter, Quota, Tollgate};
+use tollgate::{Backoff, Error, Jitter, Quota, Tollgate};
 use tower::{BoxError, Service, ServiceExt};
 
 const LEADS: u64 = 10_000;
-const CONNECTIONS: [&str; 2] = ["crm-1", "crm-2"];
 const SERVER_PER_SECOND: u32 = 500;
 /// Flow runs started at once by the naive workflow engine.
 const NAIVE_CALLERS: usize = 3_000;
@@ -54,21 +55,6 @@ impl Tally {
     fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
-}
-
-/// Lead `n`, on connection `crm-1` or `crm-2`: the header tells the
-/// server, the extension tells tollgate.
-fn lead(addr: std::net::SocketAddr, n: u64) -> Request<Full<Bytes>> {
-    let connection = CONNECTIONS[(n % 2) as usize];
-    let mut request = Request::post(format!("http://{addr}/leads"))
-        .header("x-connection", connection)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(format!("{{\"lead\":{n}}}"))))
-        .expect("a valid request");
-    request
-        .extensions_mut()
-        .insert(ConnectionKey::new(connection));
-    request
 }
 
 /// Prints a progress line each second until aborted.

@@ -57,6 +57,8 @@
 
 mod common;
 
+use common::{lead, CONNECTIONS};
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -74,13 +76,12 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate::redis::RedisStore;
-use tollgate::{ConnectionKey, Quota, Tollgate};
+use tollgate::{Quota, Tollgate};
 use tower::{BoxError, ServiceExt};
 
 const WORKERS: u64 = 4;
 const LEADS_PER_WORKER: u64 = 500;
 const LEADS: u64 = WORKERS * LEADS_PER_WORKER;
-const CONNECTIONS: [&str; 2] = ["crm-1", "crm-2"];
 /// What the server allows each connection a second.
 const SERVER_PER_SECOND: u32 = 50;
 /// What the server allows in all: its capacity, for goodput.
@@ -223,21 +224,6 @@ impl Job {
             .stderr(Stdio::inherit());
         Ok(command)
     }
-}
-
-/// Lead `n`, on connection `crm-1` or `crm-2`: the header tells the
-/// server, the extension tells tollgate.
-fn lead(server: SocketAddr, n: u64) -> Request<Full<Bytes>> {
-    let connection = CONNECTIONS[(n % 2) as usize];
-    let mut request = Request::post(format!("http://{server}/leads"))
-        .header("x-connection", connection)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(format!("{{\"lead\":{n}}}"))))
-        .expect("a valid request");
-    request
-        .extensions_mut()
-        .insert(ConnectionKey::new(connection));
-    request
 }
 
 async fn worker(job: Job) -> Result<(), BoxError> {

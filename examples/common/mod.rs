@@ -63,6 +63,24 @@ impl Windows {
     }
 }
 
+/// The two connections the examples import over.
+pub const CONNECTIONS: [&str; 2] = ["crm-1", "crm-2"];
+
+/// Lead `n`, on connection `crm-1` or `crm-2`: the header tells the
+/// server, the extension tells tollgate.
+pub fn lead(addr: SocketAddr, n: u64) -> Request<Full<Bytes>> {
+    let connection = CONNECTIONS[(n % 2) as usize];
+    let mut request = Request::post(format!("http://{addr}/leads"))
+        .header("x-connection", connection)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!("{{\"lead\":{n}}}"))))
+        .expect("a valid request");
+    request
+        .extensions_mut()
+        .insert(tollgate::ConnectionKey::new(connection));
+    request
+}
+
 /// Starts the server on 127.0.0.1 (a free port); it runs until the process
 /// ends. It answers HTTP/1.1 and HTTP/2 (prior knowledge).
 pub async fn throttled_server(per_second: u32) -> std::io::Result<(SocketAddr, Arc<ServerStats>)> {

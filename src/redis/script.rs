@@ -29,6 +29,20 @@
 
 use std::str::FromStr;
 
+/// The start of both scripts: Redis's clock, and the connection's state
+/// (`tat` may be nil; `pace`, `n` are a new key's, `fresh`, when absent or
+/// not what the scripts write).
+macro_rules! read_state {
+    () => {
+        r"local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local h = redis.call('HMGET', KEYS[1], 'tat', 'pace', 'n')
+local pace, n = h[2], tonumber(h[3]) or 0
+if not pace or not tonumber(pace) then pace, n = fresh, 0 end
+"
+    };
+}
+
 use ::redis::Value;
 
 /// Takes the connection's next token, and up to `want - 1` after it, for
@@ -46,12 +60,10 @@ use ::redis::Value;
 /// state: `{0, ..}` (stale: nothing done, ask again with `pace`), `{1, ..,
 /// wait}` (ask again in `wait` µs) or `{2, .., taken, base}` (tokens `0 ..
 /// taken` are the caller's; token `i` may go at `base + i * t - tau`).
-pub(crate) const ACQUIRE: &str = r"
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local h = redis.call('HMGET', KEYS[1], 'tat', 'pace', 'n')
-local pace, n = h[2], tonumber(h[3]) or 0
-if not pace or not tonumber(pace) then pace, n = ARGV[2], 0 end
+pub(crate) const ACQUIRE: &str = concat!(
+    "local fresh = ARGV[2]\n",
+    read_state!(),
+    r"
 local learned = tonumber(pace) >= 4294967296
 local assumed = (tonumber(ARGV[1]) or 0) >= 4294967296
 if pace ~= ARGV[1] and (learned or assumed) then
@@ -73,7 +85,8 @@ local keep = math.max(math.ceil((tat - now) / 1000), 0) + 1000
 if learned then keep = keep + tonumber(ARGV[7]) end
 redis.call('PEXPIRE', KEYS[1], keep)
 return {2, now, pace, n, taken, math.ceil(base)}
-";
+"
+);
 
 /// Pauses a connection and stores a lesson, after a 429 (or a 503 with
 /// `Retry-After`).
@@ -85,12 +98,10 @@ return {2, now, pace, n, taken, math.ceil(base)}
 ///
 /// Replies `{0, now, pace, n}` (stale: nothing done; recompute the lesson
 /// from the stored `pace` and `n`) or `{3, now, pace, n}` (done).
-pub(crate) const THROTTLE: &str = r"
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local h = redis.call('HMGET', KEYS[1], 'tat', 'pace', 'n')
-local pace, n = h[2], tonumber(h[3]) or 0
-if not pace or not tonumber(pace) then pace, n = ARGV[7], 0 end
+pub(crate) const THROTTLE: &str = concat!(
+    "local fresh = ARGV[7]\n",
+    read_state!(),
+    r"
 local tat = tonumber(h[1])
 if not tat or tat ~= tat or tat == math.huge or tat == -math.huge then tat = now end
 local after = tonumber(ARGV[5])
@@ -110,7 +121,8 @@ local keep = math.max(math.ceil((tat - now) / 1000), 0) + 1000
 if tonumber(pace) >= 4294967296 then keep = keep + tonumber(ARGV[6]) end
 redis.call('PEXPIRE', KEYS[1], keep)
 return {3, now, pace, n}
-";
+"
+);
 
 /// A script's answer, parsed: Redis's clock and the connection's stored
 /// pace state, and what was decided.
