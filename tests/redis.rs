@@ -242,6 +242,51 @@ async fn a_429_seen_by_one_pauses_the_others() {
     second.oneshot(get("http://erp.example/")).await.unwrap();
 }
 
+/// A caller that drops its request future while the 429 is being told to
+/// the fleet does not drop the cool-down with it: the other members still
+/// see the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_429_still_pauses_the_fleet() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .timeout(PATIENT);
+    let throttling = Script::new().reply(Reply::status(429).retry_after(Duration::from_secs(2)));
+    let first = RateLimitLayer::per_connection(Quota::per_second(100))
+        .store(store.clone())
+        .layer(throttling.service());
+    let mut call = Box::pin(first.oneshot(get("http://crm.example/a")));
+    // Poll until the server has answered (the future is then telling the
+    // fleet, or done), then drop it.
+    while throttling.count() == 0 {
+        if futures_util::future::poll_immediate(&mut call)
+            .await
+            .is_some()
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    drop(call);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = RateLimitLayer::per_connection(Quota::per_second(100))
+        .store(store)
+        .max_wait(Duration::ZERO)
+        .layer(Script::new().service());
+    let refused = second
+        .oneshot(get("http://crm.example/b"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused.downcast_ref::<Error>(),
+            Some(Error::RateLimited { .. })
+        ),
+        "{refused}"
+    );
+}
+
 /// (c) The pace one process learns from its 429s is the fleet's: a second
 /// limiter, with no quota of its own, sends at that pace at once, without
 /// earning a 429 to learn it.
