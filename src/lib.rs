@@ -153,6 +153,7 @@ pub mod redis;
 #[cfg(feature = "reqwest")]
 pub mod reqwest;
 pub mod retry;
+mod sync;
 pub mod testing;
 
 pub use builder::{Tollgate, TollgateBuilder, TollgateLayer, TollgateService};

@@ -2,7 +2,6 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use tokio::time::{sleep, Sleep};
 use tower::{BoxError, Service};
 
 use super::queue::{Admission, Gate, Place, Slot};
+use crate::sync::Arc;
 use crate::Error;
 
 pin_project! {

@@ -1,10 +1,10 @@
-use std::sync::Arc;
 use std::time::Duration;
 
 use tower::Layer;
 
 use super::queue::Gate;
 use super::ConcurrencyGate;
+use crate::sync::Arc;
 
 /// Applies [`ConcurrencyGate`]: at most `parallelism` requests in flight, a
 /// FIFO queue of `queue_limit` more (default `10 + parallelism`), and an

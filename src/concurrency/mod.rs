@@ -24,7 +24,10 @@
 //! `ConcurrencyLimiter` has a `QueueLimit`, which this matches.
 //!
 //! Slots and queue places are owned guards held by the response future, so
-//! dropping a future at any point gives back what it held. See
+//! dropping a future at any point gives back what it held. loom models of
+//! admission, release, cancellation and re-sizing (`src/concurrency/queue.rs`,
+//! run by CI) check that no wake-up is lost and no slot leaks or is counted
+//! twice. See
 //! [`ConcurrencyGate`] for how `poll_ready` and `call` divide the work, and
 //! [`ConcurrencyGateHandle`] for live figures and run-time parallelism.
 //!

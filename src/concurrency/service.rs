@@ -1,6 +1,5 @@
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -8,6 +7,7 @@ use tower::{BoxError, Service};
 
 use super::future::ResponseFuture;
 use super::queue::Gate;
+use crate::sync::Arc;
 use crate::Error;
 
 /// At most `parallelism` requests in flight, a bounded FIFO queue, and an
@@ -99,7 +99,7 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let admission = self.gate.admit();
+        let admission = Gate::admit(&self.gate);
         ResponseFuture::new(
             admission,
             self.inner.clone(),
