@@ -1,7 +1,8 @@
-//! The synchronisation the concurrency gate is built on: std's (and
-//! futures' `AtomicWaker`), or loom's when the loom models run, so that
-//! loom explores every interleaving of the gate's admission, release and
-//! cancellation:
+//! The synchronisation the concurrency gate and the rate limiter's wait
+//! lines are built on: std's (and futures' `AtomicWaker`), or loom's when
+//! the loom models run, so that loom explores every interleaving of the
+//! gate's admission, release and cancellation and of a wait line's joins,
+//! hand-overs and departures:
 //!
 //! ```sh
 //! RUSTFLAGS="--cfg tollgate_loom" LOOM_MAX_PREEMPTIONS=3 \
@@ -28,13 +29,13 @@ impl AtomicWaker {
     }
 }
 #[cfg(all(test, tollgate_loom))]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 #[cfg(all(test, tollgate_loom))]
 pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 
 #[cfg(not(all(test, tollgate_loom)))]
 pub(crate) use futures_util::task::AtomicWaker;
 #[cfg(not(all(test, tollgate_loom)))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 #[cfg(not(all(test, tollgate_loom)))]
 pub(crate) use std::sync::{Arc, Mutex, MutexGuard};

@@ -109,7 +109,8 @@ pub(crate) struct Figures {
     pub(crate) keys: AtomicUsize,
     pub(crate) evicted_active: AtomicU64,
     pub(crate) admitted: AtomicU64,
-    pub(crate) waiting: AtomicUsize,
+    // The wait lines' count, which their loom models must see.
+    pub(crate) waiting: crate::sync::AtomicUsize,
     pub(crate) cool_downs: AtomicU64,
     pub(crate) rate_cuts: AtomicU64,
     pub(crate) fallbacks: AtomicU64,

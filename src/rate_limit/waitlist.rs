@@ -8,11 +8,12 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use super::keyed::Figures;
+use crate::sync::{AtomicU64, Mutex, MutexGuard};
 
 /// The wait lists of every key that has waiters; keys without waiters have
 /// no list (and cost nothing here).
@@ -179,5 +180,60 @@ mod tests {
         assert_eq!(lists.figures.waiting.load(Ordering::SeqCst), 0);
         assert!(!lists.has_waiters(&"k"));
         assert!(lists.lock().is_empty());
+    }
+}
+
+/// loom models of a wait line: every interleaving of joins, departures and
+/// the head's hand-over, checked for lost wake-ups (loom reports a waiter
+/// blocked forever) and for the waiting count (which lets newcomers skip
+/// the lock) going wrong. Run by CI, with the command in `src/sync.rs`.
+#[cfg(all(test, tollgate_loom))]
+mod loom_models {
+    use std::future::poll_fn;
+
+    use loom::future::block_on;
+    use loom::thread;
+
+    use super::*;
+
+    fn waiting(lists: &WaitLists<&'static str>) -> usize {
+        lists.figures.waiting.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn loom_the_next_in_line_is_woken_when_the_head_leaves() {
+        loom::model(|| {
+            let lists = Arc::new(WaitLists::new(Arc::default()));
+            let (head, _) = lists.join(&"k");
+            let (next, _) = lists.join(&"k");
+            let (last, _) = lists.join(&"k");
+            let leaving = thread::spawn(move || drop(head));
+            // The middle of the line leaves at the same time.
+            let middle = thread::spawn(move || drop(next));
+            block_on(poll_fn(|cx| last.poll_head(cx)));
+            leaving.join().unwrap();
+            middle.join().unwrap();
+            drop(last);
+            assert!(!lists.has_waiters(&"k"));
+            assert_eq!(waiting(&lists), 0);
+        });
+    }
+
+    #[test]
+    fn loom_a_newcomer_racing_the_last_waiter_out() {
+        loom::model(|| {
+            let lists = Arc::new(WaitLists::new(Arc::default()));
+            let (head, _) = lists.join(&"k");
+            let leaving = thread::spawn(move || drop(head));
+            // As the future does: queue only behind someone; then wait to
+            // be first.
+            if lists.has_waiters(&"k") {
+                let (ticket, _) = lists.join(&"k");
+                block_on(poll_fn(|cx| ticket.poll_head(cx)));
+            }
+            leaving.join().unwrap();
+            assert_eq!(waiting(&lists), 0);
+            assert!(lists.lock().is_empty());
+        });
     }
 }
