@@ -60,6 +60,28 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
 /// A store timeout no round trip reaches, even on a loaded machine.
 const PATIENT: Duration = Duration::from_secs(5);
 
+/// A store on `server` with the [`PATIENT`] timeout.
+async fn patient_store(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .timeout(PATIENT)
+}
+
+/// A limiter on `store` whose server answers 429 with `Retry-After: 2`.
+fn throttled_for_two_seconds(
+    store: &RedisStore,
+) -> (
+    Script,
+    tollgate::RateLimit<tollgate::testing::ScriptService>,
+) {
+    let throttling = Script::new().reply(Reply::status(429).retry_after(Duration::from_secs(2)));
+    let limiter = RateLimitLayer::per_connection(Quota::per_second(100))
+        .store(store.clone())
+        .layer(throttling.service());
+    (throttling, limiter)
+}
+
 const FLEET_QUOTA: u32 = 50;
 const FLEET_BURST: u32 = 10;
 const FLEET_SECS: u64 = 3;
@@ -224,14 +246,8 @@ fn four_processes_leasing_stay_within_the_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_seen_by_one_pauses_the_others() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url())
-        .await
-        .unwrap()
-        .timeout(PATIENT);
-    let throttling = Script::new().reply(Reply::status(429).retry_after(Duration::from_secs(2)));
-    let first = RateLimitLayer::per_connection(Quota::per_second(100))
-        .store(store.clone())
-        .layer(throttling.service());
+    let store = patient_store(&server).await;
+    let (_, first) = throttled_for_two_seconds(&store);
     let second = RateLimitLayer::per_connection(Quota::per_second(100))
         .store(store)
         .max_wait(Duration::ZERO)
@@ -261,14 +277,8 @@ async fn a_429_seen_by_one_pauses_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_429_still_pauses_the_fleet() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url())
-        .await
-        .unwrap()
-        .timeout(PATIENT);
-    let throttling = Script::new().reply(Reply::status(429).retry_after(Duration::from_secs(2)));
-    let first = RateLimitLayer::per_connection(Quota::per_second(100))
-        .store(store.clone())
-        .layer(throttling.service());
+    let store = patient_store(&server).await;
+    let (throttling, first) = throttled_for_two_seconds(&store);
     let mut call = Box::pin(first.oneshot(get("http://crm.example/a")));
     // Poll until the server has answered (the future is then telling the
     // fleet, or done), then drop it.
@@ -306,10 +316,7 @@ async fn a_dropped_429_still_pauses_the_fleet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_learned_pace_is_shared() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url())
-        .await
-        .unwrap()
-        .timeout(PATIENT);
+    let store = patient_store(&server).await;
     let mut replies = Script::new();
     for _ in 0..20 {
         replies = replies.reply(200);
@@ -428,10 +435,7 @@ fn idle_connections_expire_from_redis() {
 
 async fn idle_connections_expire() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url())
-        .await
-        .unwrap()
-        .timeout(PATIENT);
+    let store = patient_store(&server).await;
     let client = RateLimitLayer::per_connection(Quota::per_second(10))
         .store(store)
         .layer(Script::new().service());
