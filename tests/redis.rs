@@ -60,6 +60,14 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
 /// A store timeout no round trip reaches, even on a loaded machine.
 const PATIENT: Duration = Duration::from_secs(5);
 
+/// The wait a refusal names, if `error` is tollgate's `RateLimited`.
+fn rate_limited(error: &tower::BoxError) -> Option<Duration> {
+    match error.downcast_ref::<Error>() {
+        Some(Error::RateLimited { retry_after }) => Some(*retry_after),
+        _ => None,
+    }
+}
+
 /// A store on `server` with the [`PATIENT`] timeout.
 async fn patient_store(server: &RedisServer) -> RedisStore {
     RedisStore::connect(&server.url())
@@ -259,12 +267,10 @@ async fn a_429_seen_by_one_pauses_the_others() {
         .oneshot(get("http://crm.example/b"))
         .await
         .unwrap_err();
-    let Some(Error::RateLimited { retry_after }) = refused.downcast_ref::<Error>() else {
-        panic!("not refused for the pause: {refused}");
-    };
+    let retry_after = rate_limited(&refused).expect("refused for the pause");
     // Two seconds, less the time since (generous: 0.5 s).
     assert!(
-        (Duration::from_millis(1_500)..=Duration::from_secs(2)).contains(retry_after),
+        (Duration::from_millis(1_500)..=Duration::from_secs(2)).contains(&retry_after),
         "{retry_after:?}"
     );
     // Another connection is not paused.
@@ -301,13 +307,7 @@ async fn a_dropped_429_still_pauses_the_fleet() {
         .oneshot(get("http://crm.example/b"))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            refused.downcast_ref::<Error>(),
-            Some(Error::RateLimited { .. })
-        ),
-        "{refused}"
-    );
+    assert!(rate_limited(&refused).is_some(), "{refused}");
 }
 
 /// (c) The pace one process learns from its 429s is the fleet's: a second
@@ -360,13 +360,7 @@ async fn the_learned_pace_is_shared() {
         .oneshot(get("http://crm.example/"))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            refused.downcast_ref::<Error>(),
-            Some(Error::RateLimited { .. })
-        ),
-        "{refused}"
-    );
+    assert!(rate_limited(&refused).is_some(), "{refused}");
     assert_eq!(
         other.handle().rate_cuts(),
         0,
@@ -420,8 +414,62 @@ async fn an_outage_loses_nothing_and_ends() {
     assert!(client.handle().fallbacks() <= fallbacks + 1);
 }
 
+/// (d') Redis stalled (`DEBUG SLEEP`, as a blocked server or a slow
+/// network would be): each decision gives up after the store's timeout
+/// and is made locally; nothing fails; Redis answering again ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_costs_a_timeout_not_a_request() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let store = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .timeout(Duration::from_millis(50));
+    let client = RateLimitLayer::per_connection(Quota::per_second(1_000))
+        .store(store)
+        .layer(Script::new().service());
+    client
+        .clone()
+        .oneshot(get("http://crm.example/"))
+        .await
+        .unwrap();
+    assert_eq!(client.handle().fallbacks(), 0);
+    let url = server.url();
+    let stall = std::thread::spawn(move || {
+        let port = url.rsplit(':').next().unwrap().to_string();
+        let mut redis = std::net::TcpStream::connect(("127.0.0.1", port.parse().unwrap())).unwrap();
+        std::io::Write::write_all(&mut redis, b"DEBUG SLEEP 1.5\r\n").unwrap();
+        let mut reply = [0u8; 5];
+        std::io::Read::read_exact(&mut redis, &mut reply).unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        client
+            .clone()
+            .oneshot(get("http://crm.example/"))
+            .await
+            .unwrap();
+    }
+    let stalled = client.handle().fallbacks();
+    // The first waits out the timeout and starts the outage; the rest are
+    // decided locally at once (a probe a second may wait its timeout too).
+    assert!(stalled >= 19, "{stalled} of 20 decided locally");
+    stall.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for _ in 0..5 {
+        client
+            .clone()
+            .oneshot(get("http://crm.example/"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        client.handle().fallbacks() <= stalled + 1,
+        "back on the store"
+    );
+}
+
 /// (e) 100,000 connections pass through; once their buckets are full
-/// again, Redis holds only the live one (whose pace keeps it for 30 min).
+/// again, Redis holds only the one still in use.
 #[test]
 fn idle_connections_expire_from_redis() {
     let _heavy = heavy();
@@ -455,17 +503,23 @@ async fn idle_connections_expire() {
     assert!(server.keys() > 1_000, "the keys were written");
     // Each expires 1.1 s after its request (the bucket full again after
     // 100 ms, plus the second a first estimate may count over); Redis
-    // reclaims expired keys in the background, a few seconds at most.
+    // reclaims expired keys in the background, a few seconds at most. One
+    // connection stays in use all along: its key is the one left.
     let mut keys = server.keys();
     for _ in 0..60 {
-        if keys == 0 {
+        client
+            .clone()
+            .oneshot(get("http://live.example/"))
+            .await
+            .unwrap();
+        if keys == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         keys = server.keys();
     }
     eprintln!("expired after {:?}", began.elapsed());
-    assert_eq!(keys, 0);
+    assert_eq!(keys, 1, "only the live connection's key is left");
 }
 
 #[tokio::test]

@@ -279,12 +279,6 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         (ready_at - now).saturating_add(ahead.saturating_mul(interval))
     }
 
-    /// Nanoseconds between tokens of the quota.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn interval(&self) -> u64 {
-        self.gcra.interval()
-    }
-
     /// The quota's arithmetic.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn gcra(&self) -> Gcra {

@@ -315,7 +315,7 @@ impl<K: std::hash::Hash + Eq + Clone> Shared<K> {
     pub(super) fn wait_behind(&self, buckets: &Buckets<K>, key: &K, now: u64, ahead: usize) -> u64 {
         #[cfg(feature = "redis")]
         if self.fleet.is_some() {
-            return buckets.interval().saturating_mul(ahead as u64);
+            return buckets.gcra().interval().saturating_mul(ahead as u64);
         }
         buckets.wait_behind(key, now, ahead as u64)
     }
