@@ -39,6 +39,8 @@ mkdir -p target
     echo "== real server, the learned pace over 20,000 leads"
     sleep 2
     ONLY="teach" LEADS=20000 TOLLGATE_SERVER="http://127.0.0.1:$port" cargo bench --features reqwest --bench real_server
+    echo "== a paused connection and the gate's slots (issue 13): the simulation again, and nginx on 127.0.0.1:$port"
+    TOLLGATE_SERVER="http://127.0.0.1:$port" cargo bench --features reqwest --bench paused
     echo "== fleet: 4 processes against nginx on 127.0.0.1:$fleet_port (2 connections x 50/s, burst 10)"
     TOLLGATE_SERVER="http://127.0.0.1:$fleet_port" cargo run --release --example fleet --features redis
 } 2>&1 | tee target/bench.log
