@@ -49,7 +49,8 @@ use common::{mix, TowerPolicy, RETRIES};
 use futures_util::stream::{self, StreamExt};
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
-use tollgate::{Backoff, Quota, RateLimitLayer, ServiceBuilderExt, Tollgate};
+use tollgate::rate_limit::ByConnection;
+use tollgate::{Backoff, ConcurrencyGateLayer, Quota, RateLimitLayer, ServiceBuilderExt, Tollgate};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: u64 = 2;
@@ -242,7 +243,7 @@ async fn tollgate_stack(leads: u64, tally: &Tally, server: &Server, client: Clie
             .build(server.clone())
             .expect("a valid configuration"),
         _ => ServiceBuilder::new()
-            .concurrency_gate(PARALLELISM)
+            .layer(ConcurrencyGateLayer::new(PARALLELISM).share_by(ByConnection))
             .retry_backoff(backoff)
             .layer(
                 RateLimitLayer::per_connection(Quota::unlimited())

@@ -51,7 +51,7 @@ impl Tollgate {
 }
 
 /// The service [`TollgateBuilder::build`] makes around a client `S`.
-pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<S, F>>>;
+pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<S, F>>, F>;
 
 /// Builds the default stack; made by [`Tollgate::builder`].
 ///
@@ -95,7 +95,7 @@ pub struct TollgateBuilder<F = ByConnection> {
 /// buckets; clone the service to share them.
 #[derive(Clone, Debug)]
 pub struct TollgateLayer<F = ByConnection> {
-    gate: ConcurrencyGateLayer,
+    gate: ConcurrencyGateLayer<F>,
     retry: RetryLayer,
     rate_limit: RateLimitLayer<F>,
 }
@@ -229,7 +229,7 @@ impl<F> TollgateBuilder<F> {
     /// zero parallelism, an invalid quota or backoff, or zero `max_keys`.
     pub fn layer(self) -> Result<TollgateLayer<F>, Error>
     where
-        F: KeyOf,
+        F: KeyOf + Clone,
     {
         if self.parallelism == 0 {
             return Err(Error::invalid_config(
@@ -265,6 +265,8 @@ impl<F> TollgateBuilder<F> {
             Some(store) => rate_limit.store(store),
             None => rate_limit,
         };
+        // The gate's lines are the rate limiter's connections.
+        let gate = gate.share_by(self.key_of.clone());
         let rate_limit = rate_limit.key_by(self.key_of);
         Ok(TollgateLayer {
             gate,

@@ -9,14 +9,17 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep, Sleep};
 use tower::{BoxError, Service};
 
-use super::queue::{Admission, Gate, Place, Slot};
+use super::queue::{Admission, Gate, Place};
+use super::seat::{self, Seat};
 use crate::sync::Arc;
 use crate::Error;
 
 pin_project! {
     /// The response future of [`ConcurrencyGate`](super::ConcurrencyGate):
     /// waits for a slot (if queued), then for the inner service, then for
-    /// the response, holding the slot until it completes or is dropped.
+    /// the response, holding the slot until it completes or is dropped
+    /// (lent, while a rate limiter inside waits for a token: see the
+    /// module docs).
     pub struct ResponseFuture<S, Request>
     where
         S: Service<Request>,
@@ -25,9 +28,9 @@ pin_project! {
         state: State<S::Future>,
         service: S,
         request: Option<Request>,
-        // Held while queued; turned into `slot` when a slot is handed over.
+        // Held while queued; turned into `seat` when a slot is handed over.
         place: Option<Place>,
-        slot: Option<Slot>,
+        seat: Option<Seat>,
         #[pin]
         timeout: Option<Sleep>,
         gate: Arc<Gate>,
@@ -59,8 +62,8 @@ where
         gate: &Arc<Gate>,
         queue_timeout: Option<Duration>,
     ) -> Self {
-        let (state, place, slot, timeout) = match admission {
-            Admission::Slot(slot) => (State::Readying, None, Some(slot), None),
+        let (state, place, seat, timeout) = match admission {
+            Admission::Slot(slot) => (State::Readying, None, Some(Seat::Seated(slot)), None),
             Admission::Queued(place) => {
                 tracing::trace!(target: "tollgate::concurrency", "queued for a slot");
                 (State::Queued, Some(place), None, queue_timeout.map(sleep))
@@ -83,7 +86,7 @@ where
             service,
             request: Some(request),
             place,
-            slot,
+            seat,
             timeout,
             gate: Arc::clone(gate),
         }
@@ -124,7 +127,7 @@ where
                         // Handed a slot just as the timeout fired: take it.
                     }
                     let place = this.place.take().expect("checked above");
-                    *this.slot = Some(place.into_slot());
+                    *this.seat = Some(Seat::Seated(place.into_slot()));
                     tracing::trace!(target: "tollgate::concurrency", "admitted from the queue");
                     this.state.set(State::Readying);
                 }
@@ -137,12 +140,26 @@ where
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
                 }
-                StateProj::Called { future } => {
-                    let result = ready!(future.poll(cx)).map_err(Into::into);
-                    // The slot goes back as soon as the response is here.
-                    *this.slot = None;
-                    return Poll::Ready(result);
-                }
+                StateProj::Called { mut future } => loop {
+                    // A slot lent by a rate limiter that is gone is taken
+                    // back before the request goes on (to a retry's sleep,
+                    // or its next attempt).
+                    if let Some(Seat::Loaned(loan)) = &*this.seat {
+                        if loan.orphaned() {
+                            ready!(loan.poll_seated(cx));
+                        }
+                    }
+                    let polled = seat::polling_with(this.seat, || future.as_mut().poll(cx));
+                    if let Poll::Ready(result) = polled {
+                        // The slot goes back as soon as the response is here.
+                        *this.seat = None;
+                        return Poll::Ready(result.map_err(Into::into));
+                    }
+                    match &*this.seat {
+                        Some(Seat::Loaned(loan)) if loan.orphaned() => continue,
+                        _ => return Poll::Pending,
+                    }
+                },
             }
         }
     }
@@ -155,7 +172,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("queued", &self.place.is_some())
-            .field("holds_slot", &self.slot.is_some())
+            .field("seat", &self.seat)
             .finish_non_exhaustive()
     }
 }

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use tower::Layer;
 
+use super::line::OneLine;
 use super::queue::Gate;
 use super::ConcurrencyGate;
 use crate::sync::Arc;
@@ -23,10 +24,12 @@ use crate::sync::Arc;
 /// share it. To put two differently built stacks behind one gate, build the
 /// gate once and clone it into both.
 #[derive(Clone, Debug)]
-pub struct ConcurrencyGateLayer {
+pub struct ConcurrencyGateLayer<L = OneLine> {
     parallelism: usize,
     queue_limit: Option<usize>,
     queue_timeout: Option<Duration>,
+    lines: L,
+    by_line: bool,
 }
 
 impl ConcurrencyGateLayer {
@@ -44,6 +47,33 @@ impl ConcurrencyGateLayer {
             parallelism,
             queue_limit: None,
             queue_timeout: None,
+            lines: OneLine,
+            by_line: false,
+        }
+    }
+}
+
+impl<L> ConcurrencyGateLayer<L> {
+    /// Waiting requests take slots in turn, one connection after another,
+    /// each connection's in arrival order; `key_of` names a request's
+    /// connection, as for the rate limiter (give both the same; default:
+    /// one line for all, first come first served). See the
+    /// [module docs](super) for why round-robin.
+    ///
+    /// ```
+    /// use tollgate::rate_limit::ByConnection;
+    /// use tollgate::ConcurrencyGateLayer;
+    ///
+    /// let gate = ConcurrencyGateLayer::new(10).share_by(ByConnection);
+    /// # let _ = gate;
+    /// ```
+    pub fn share_by<M>(self, key_of: M) -> ConcurrencyGateLayer<M> {
+        ConcurrencyGateLayer {
+            parallelism: self.parallelism,
+            queue_limit: self.queue_limit,
+            queue_timeout: self.queue_timeout,
+            lines: key_of,
+            by_line: true,
         }
     }
 
@@ -67,19 +97,23 @@ impl ConcurrencyGateLayer {
     pub const fn effective_queue_limit(&self) -> usize {
         match self.queue_limit {
             Some(limit) => limit,
-            None => self.parallelism.saturating_add(Self::DEFAULT_EXTRA_QUEUE),
+            None => self
+                .parallelism
+                .saturating_add(ConcurrencyGateLayer::DEFAULT_EXTRA_QUEUE),
         }
     }
 }
 
-impl<S> Layer<S> for ConcurrencyGateLayer {
-    type Service = ConcurrencyGate<S>;
+impl<S, L: Clone> Layer<S> for ConcurrencyGateLayer<L> {
+    type Service = ConcurrencyGate<S, L>;
 
-    fn layer(&self, inner: S) -> ConcurrencyGate<S> {
+    fn layer(&self, inner: S) -> ConcurrencyGate<S, L> {
+        let gate = Gate::new(self.parallelism, self.effective_queue_limit(), self.by_line);
         ConcurrencyGate {
             inner,
-            gate: Arc::new(Gate::new(self.parallelism, self.effective_queue_limit())),
+            gate: Arc::new(gate),
             queue_timeout: self.queue_timeout,
+            lines: self.lines.clone(),
         }
     }
 }

@@ -58,9 +58,14 @@
 
 mod future;
 mod layer;
+mod line;
 mod queue;
+mod seat;
 mod service;
 
 pub use future::ResponseFuture;
 pub use layer::ConcurrencyGateLayer;
+pub(crate) use line::line_of;
+pub use line::{LineOf, OneLine};
+pub(crate) use seat::SeatLoan;
 pub use service::{ConcurrencyGate, ConcurrencyGateHandle};

@@ -1,20 +1,32 @@
-//! The gate's state: slots in flight and a FIFO queue of waiting tickets.
+//! The gate's state: slots in flight, requests waiting for one in lines
+//! served in turn, and slots lent back by requests waiting for tokens.
 //!
 //! Everything is decided under one mutex, so "at most `parallelism` in
 //! flight and `queue_limit` waiting" holds at every instant, whatever the
-//! races. Slots and queue places are owned guards: dropping one gives back
-//! what it held, which is what makes every future of the gate cancel-safe.
+//! races. Slots, queue places and loans are owned guards: dropping one
+//! gives back what it held, which is what makes every future of the gate
+//! cancel-safe.
+//!
+//! A request *waits* either in a line for a slot ([`Place`]) or, admitted,
+//! with its slot lent back while it waits for its connection's token
+//! ([`Lent`]); both count against `queue_limit`. A lent slot is taken back
+//! with the request's first ticket, so within its line it is ahead of
+//! every request that arrived after it.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicWaker, Mutex, MutexGuard};
 
 pub(crate) struct Gate {
     state: Mutex<State>,
     queue_limit: usize,
+    // Whether requests wait in one line per connection, served in turn
+    // (else all in one line, and every `line` given is read as 0).
+    by_line: bool,
     pub(crate) refused: AtomicU64,
     pub(crate) timed_out: AtomicU64,
 }
@@ -22,12 +34,76 @@ pub(crate) struct Gate {
 struct State {
     parallelism: usize,
     in_flight: usize,
-    // Waiting tickets in arrival order. Invariant: while any ticket waits,
-    // `in_flight >= parallelism` (a freed slot goes straight to the front
-    // ticket), so a new arrival never overtakes the queue. A ticket leaves
-    // the map either when it is handed a slot or when its future leaves.
-    waiting: BTreeMap<u64, Arc<Waiter>>,
+    // Admitted requests waiting for a token with their slot lent back.
+    lent: usize,
+    // Invariant: while any ticket waits, `in_flight >= parallelism` (a
+    // freed slot goes straight to the next ticket), so a new arrival never
+    // overtakes the lines. A ticket leaves them either when it is handed a
+    // slot or when its future leaves.
+    lines: Lines,
+    // Requests that wait for a token but kept their slot because no
+    // waiting place was free, by slot ticket: woken to lend it when a
+    // ticket starts waiting (see `Gate::lend`).
+    stuck: BTreeMap<u64, Waker>,
     next_ticket: u64,
+}
+
+/// Waiting tickets: one line per connection, first come first served
+/// within a line, the lines served in turn (round-robin). A line served
+/// goes to the back of the turns, so a connection that queued a burst
+/// takes one slot in every round, not every slot until its burst is gone.
+#[derive(Default)]
+struct Lines {
+    lines: HashMap<u64, BTreeMap<u64, Arc<Waiter>>>,
+    // The lines that have a ticket, in the order they will be served.
+    turns: VecDeque<u64>,
+    len: usize,
+}
+
+impl Lines {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, line: u64, ticket: u64, waiter: Arc<Waiter>) {
+        let tickets = self.lines.entry(line).or_default();
+        if tickets.is_empty() {
+            self.turns.push_back(line);
+        }
+        tickets.insert(ticket, waiter);
+        self.len += 1;
+    }
+
+    /// The first ticket of the line whose turn it is; that line goes to
+    /// the back of the turns.
+    fn pop_next(&mut self) -> Option<Arc<Waiter>> {
+        let line = self.turns.pop_front()?;
+        let tickets = self.lines.get_mut(&line)?;
+        let (_, waiter) = tickets.pop_first()?;
+        if tickets.is_empty() {
+            self.lines.remove(&line);
+        } else {
+            self.turns.push_back(line);
+        }
+        self.len -= 1;
+        Some(waiter)
+    }
+
+    /// Takes `ticket` out of `line`; `false` if it was not there.
+    fn remove(&mut self, line: u64, ticket: u64) -> bool {
+        let Some(tickets) = self.lines.get_mut(&line) else {
+            return false;
+        };
+        if tickets.remove(&ticket).is_none() {
+            return false;
+        }
+        if tickets.is_empty() {
+            self.lines.remove(&line);
+            self.turns.retain(|turn| *turn != line);
+        }
+        self.len -= 1;
+        true
+    }
 }
 
 /// What a queued future and the gate share: the future polls `granted`
@@ -46,7 +122,7 @@ impl Waiter {
         }
     }
 
-    /// Hands this ticket a slot (its ticket is already out of the map).
+    /// Hands this ticket a slot (its ticket is already out of the lines).
     fn grant(&self) {
         self.granted.store(true, Ordering::Release);
         self.waker.wake();
@@ -66,15 +142,18 @@ pub(crate) enum Admission {
 }
 
 impl Gate {
-    pub(crate) fn new(parallelism: usize, queue_limit: usize) -> Self {
+    pub(crate) fn new(parallelism: usize, queue_limit: usize, by_line: bool) -> Self {
         Gate {
             state: Mutex::new(State {
                 parallelism,
                 in_flight: 0,
-                waiting: BTreeMap::new(),
+                lent: 0,
+                lines: Lines::default(),
+                stuck: BTreeMap::new(),
                 next_ticket: 0,
             }),
             queue_limit,
+            by_line,
             refused: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
         }
@@ -85,27 +164,60 @@ impl Gate {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits one request to `gate`. (A function of `&Arc<Gate>` rather
-    /// than a method on `self: &Arc<Self>`: loom's `Arc` cannot be a
-    /// receiver.)
-    pub(crate) fn admit(gate: &Arc<Gate>) -> Admission {
+    /// Whether requests wait in one line per connection.
+    pub(crate) fn by_line(&self) -> bool {
+        self.by_line
+    }
+
+    fn line(&self, line: u64) -> u64 {
+        if self.by_line {
+            line
+        } else {
+            0
+        }
+    }
+
+    /// A slot for a request if one is free and nobody waits; the caller
+    /// then needs no line. (A function of `&Arc<Gate>` rather than a
+    /// method on `self: &Arc<Self>`: loom's `Arc` cannot be a receiver.)
+    pub(crate) fn try_slot(gate: &Arc<Gate>) -> Option<Slot> {
+        let mut state = gate.lock();
+        if state.parallelism == 0 || state.in_flight >= state.parallelism || state.lines.len() > 0 {
+            return None;
+        }
+        Some(Self::seat(gate, &mut state))
+    }
+
+    fn seat(gate: &Arc<Gate>, state: &mut State) -> Slot {
+        state.in_flight += 1;
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        Slot {
+            gate: Arc::clone(gate),
+            ticket,
+            held: true,
+        }
+    }
+
+    /// Admits one request, of `line`, to `gate`.
+    pub(crate) fn admit(gate: &Arc<Gate>, line: u64) -> Admission {
+        let line = gate.line(line);
         let mut state = gate.lock();
         if state.parallelism == 0 {
             return Admission::Closed;
         }
-        if state.in_flight < state.parallelism && state.waiting.is_empty() {
-            state.in_flight += 1;
-            return Admission::Slot(Slot {
-                gate: Arc::clone(gate),
-            });
+        if state.in_flight < state.parallelism && state.lines.len() == 0 {
+            return Admission::Slot(Self::seat(gate, &mut state));
         }
-        if state.waiting.len() < gate.queue_limit {
+        if state.lines.len() + state.lent < gate.queue_limit {
             let ticket = state.next_ticket;
             state.next_ticket += 1;
-            let waiter = Arc::new(Waiter::new());
-            state.waiting.insert(ticket, Arc::clone(&waiter));
+            let (waiter, stuck) = Self::wait_in_line(&mut state, line, ticket);
+            drop(state);
+            stuck.into_iter().for_each(Waker::wake);
             return Admission::Queued(Place {
                 gate: Arc::clone(gate),
+                line,
                 ticket,
                 waiter,
                 armed: true,
@@ -116,13 +228,16 @@ impl Gate {
         Admission::Full
     }
 
-    /// Gives a slot back: to the front ticket if parallelism allows,
+    /// Gives a slot back: to the next ticket if parallelism allows,
     /// otherwise to the pool.
-    fn release(&self) {
+    fn release(&self, ticket: u64) {
         let mut state = self.lock();
+        if !state.stuck.is_empty() {
+            state.stuck.remove(&ticket);
+        }
         // `in_flight` still counts the slot being released.
         if state.in_flight <= state.parallelism {
-            if let Some((_, waiter)) = state.waiting.pop_first() {
+            if let Some(waiter) = state.lines.pop_next() {
                 // The slot passes to that ticket: in_flight is unchanged.
                 drop(state);
                 waiter.grant();
@@ -132,12 +247,65 @@ impl Gate {
         state.in_flight -= 1;
     }
 
+    /// Lends slot `ticket` back while its request waits for a token: to
+    /// the next ticket waiting (that ticket's place becomes the lender's),
+    /// or to the pool if a waiting place is free. If neither, the request
+    /// keeps its slot and `waker` is woken when a ticket starts waiting, to
+    /// try again: the slot then goes to that ticket. (Without that second
+    /// try, slots kept by requests waiting behind the head of their
+    /// connection's line, with the head waiting for a slot, would wait for
+    /// each other forever.)
+    fn lend(&self, ticket: u64, waker: &Waker) -> bool {
+        let mut state = self.lock();
+        if let Some(waiter) = state.lines.pop_next() {
+            // A swap: in_flight and the waiting count are unchanged.
+            state.lent += 1;
+            state.stuck.remove(&ticket);
+            drop(state);
+            waiter.grant();
+            return true;
+        }
+        if state.lines.len() + state.lent < self.queue_limit {
+            state.in_flight -= 1;
+            state.lent += 1;
+            state.stuck.remove(&ticket);
+            return true;
+        }
+        match state.stuck.entry(ticket) {
+            Entry::Occupied(mut kept) if !kept.get().will_wake(waker) => {
+                kept.insert(waker.clone());
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(place) => {
+                place.insert(waker.clone());
+            }
+        }
+        false
+    }
+
+    /// Puts a ticket in its line and takes the wakers of the slots kept
+    /// for want of a waiting place, to wake once the lock is let go.
+    fn wait_in_line(state: &mut State, line: u64, ticket: u64) -> (Arc<Waiter>, Vec<Waker>) {
+        let waiter = Arc::new(Waiter::new());
+        state.lines.push(line, ticket, Arc::clone(&waiter));
+        let stuck = if state.stuck.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut state.stuck).into_values().collect()
+        };
+        (waiter, stuck)
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.lock().in_flight
     }
 
     pub(crate) fn queued(&self) -> usize {
-        self.lock().waiting.len()
+        self.lock().lines.len()
+    }
+
+    pub(crate) fn lent(&self) -> usize {
+        self.lock().lent
     }
 
     pub(crate) fn parallelism(&self) -> usize {
@@ -157,7 +325,7 @@ impl Gate {
             let mut state = self.lock();
             state.parallelism = parallelism;
             while state.in_flight < state.parallelism {
-                let Some((_, waiter)) = state.waiting.pop_first() else {
+                let Some(waiter) = state.lines.pop_next() else {
                     break;
                 };
                 state.in_flight += 1;
@@ -174,19 +342,97 @@ impl Gate {
 #[derive(Debug)]
 pub(crate) struct Slot {
     gate: Arc<Gate>,
+    // The request's first ticket: its place if it lends the slot and
+    // takes it back.
+    ticket: u64,
+    // False once the slot has been lent (the `Lent` answers for it).
+    held: bool,
+}
+
+impl Slot {
+    /// Lends the slot back while its request waits for a token on `line`
+    /// (`Err`: no waiting place is free, keep it; `waker` will be woken to
+    /// try again).
+    pub(crate) fn lend(mut self, line: u64, waker: &Waker) -> Result<Lent, Slot> {
+        if !self.gate.lend(self.ticket, waker) {
+            return Err(self);
+        }
+        self.held = false;
+        Ok(Lent {
+            gate: Arc::clone(&self.gate),
+            line: self.gate.line(line),
+            ticket: self.ticket,
+            held: true,
+        })
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.gate.release();
+        if self.held {
+            self.gate.release(self.ticket);
+        }
     }
 }
 
-/// A ticket in the queue. On drop it leaves the queue, or, if it had been
+/// A slot lent back by a request waiting for its connection's token: a
+/// waiting place, given up on drop.
+#[derive(Debug)]
+pub(crate) struct Lent {
+    gate: Arc<Gate>,
+    line: u64,
+    ticket: u64,
+    // False once reclaimed (the slot or place taken back answers for it).
+    held: bool,
+}
+
+impl Lent {
+    /// Takes a slot back: at once if one is free and nobody waits, else
+    /// in `line` with the request's first ticket.
+    pub(crate) fn reclaim(mut self) -> Result<Slot, Place> {
+        let gate = Arc::clone(&self.gate);
+        let (line, ticket) = (self.line, self.ticket);
+        // Leaves `lent` and takes a slot or a ticket in one step under the
+        // lock, so the place it held is never free in between.
+        let mut state = gate.lock();
+        self.held = false;
+        state.lent -= 1;
+        if state.in_flight < state.parallelism && state.lines.len() == 0 {
+            state.in_flight += 1;
+            drop(state);
+            return Ok(Slot {
+                gate,
+                ticket,
+                held: true,
+            });
+        }
+        let (waiter, stuck) = Gate::wait_in_line(&mut state, line, ticket);
+        drop(state);
+        stuck.into_iter().for_each(Waker::wake);
+        Err(Place {
+            gate,
+            line,
+            ticket,
+            waiter,
+            armed: true,
+        })
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if self.held {
+            self.gate.lock().lent -= 1;
+        }
+    }
+}
+
+/// A ticket in a line. On drop it leaves the line, or, if it had been
 /// handed a slot it never used, passes the slot on.
 #[derive(Debug)]
 pub(crate) struct Place {
     gate: Arc<Gate>,
+    line: u64,
     ticket: u64,
     waiter: Arc<Waiter>,
     armed: bool,
@@ -213,16 +459,18 @@ impl Place {
         self.armed = false;
         Slot {
             gate: Arc::clone(&self.gate),
+            ticket: self.ticket,
+            held: true,
         }
     }
 
-    /// Leaves the queue if still in it (`true`); `false` means a slot was
+    /// Leaves the line if still in it (`true`); `false` means a slot was
     /// handed over meanwhile, and the ticket still holds it.
     pub(crate) fn leave(&mut self) -> bool {
-        // Out of the map means handed a slot, even if `granted` is not set
-        // yet (the releaser sets it just after unlocking).
+        // Out of the lines means handed a slot, even if `granted` is not
+        // set yet (the releaser sets it just after unlocking).
         let left = !self.waiter.granted.load(Ordering::Acquire)
-            && self.gate.lock().waiting.remove(&self.ticket).is_some();
+            && self.gate.lock().lines.remove(self.line, self.ticket);
         if left {
             self.armed = false;
         }
@@ -234,7 +482,7 @@ impl Drop for Place {
     fn drop(&mut self) {
         if self.armed && !self.leave() {
             // Handed a slot, dropped before using it: pass it on.
-            self.gate.release();
+            self.gate.release(self.ticket);
         }
     }
 }
@@ -245,8 +493,10 @@ impl std::fmt::Debug for Gate {
         f.debug_struct("Gate")
             .field("parallelism", &state.parallelism)
             .field("in_flight", &state.in_flight)
-            .field("queued", &state.waiting.len())
+            .field("queued", &state.lines.len())
+            .field("lent", &state.lent)
             .field("queue_limit", &self.queue_limit)
+            .field("by_line", &self.by_line)
             .finish()
     }
 }
@@ -256,7 +506,7 @@ mod tests {
     use super::*;
 
     fn gate(p: usize, q: usize) -> Arc<Gate> {
-        Arc::new(Gate::new(p, q))
+        Arc::new(Gate::new(p, q, false))
     }
 
     fn cx() -> Context<'static> {
@@ -266,14 +516,14 @@ mod tests {
     #[test]
     fn slots_then_queue_then_full() {
         let g = gate(2, 1);
-        let a = Gate::admit(&g);
-        let b = Gate::admit(&g);
-        let c = Gate::admit(&g);
+        let a = Gate::admit(&g, 0);
+        let b = Gate::admit(&g, 0);
+        let c = Gate::admit(&g, 0);
         assert!(matches!(
             (&a, &b, &c),
             (Admission::Slot(_), Admission::Slot(_), Admission::Queued(_))
         ));
-        assert!(matches!(Gate::admit(&g), Admission::Full));
+        assert!(matches!(Gate::admit(&g, 0), Admission::Full));
         assert_eq!((g.in_flight(), g.queued()), (2, 1));
         assert_eq!(g.refused.load(Ordering::Relaxed), 1);
         let Admission::Queued(mut place) = c else {
@@ -292,9 +542,9 @@ mod tests {
     #[test]
     fn a_dropped_ticket_leaves_or_passes_its_slot_on() {
         let g = gate(1, 2);
-        let running = Gate::admit(&g);
-        let first = Gate::admit(&g);
-        let second = Gate::admit(&g);
+        let running = Gate::admit(&g, 0);
+        let first = Gate::admit(&g, 0);
+        let second = Gate::admit(&g, 0);
         drop(first); // leaves the queue
         assert_eq!(g.queued(), 1);
         drop(running); // slot goes to `second`
@@ -305,14 +555,14 @@ mod tests {
 
     #[test]
     fn zero_parallelism_is_closed() {
-        assert!(matches!(Gate::admit(&gate(0, 5)), Admission::Closed));
+        assert!(matches!(Gate::admit(&gate(0, 5), 0), Admission::Closed));
     }
 
     #[test]
     fn lowering_parallelism_lets_running_work_finish() {
         let g = gate(3, 3);
-        let running: Vec<_> = (0..3).map(|_| Gate::admit(&g)).collect();
-        let waiting = Gate::admit(&g);
+        let running: Vec<_> = (0..3).map(|_| Gate::admit(&g, 0)).collect();
+        let waiting = Gate::admit(&g, 0);
         g.set_parallelism(1);
         assert_eq!(g.in_flight(), 3, "nothing running is cancelled");
         let mut running = running.into_iter();
@@ -329,9 +579,9 @@ mod tests {
     #[test]
     fn raising_parallelism_admits_waiters_in_order() {
         let g = gate(1, 3);
-        let _running = Gate::admit(&g);
+        let _running = Gate::admit(&g, 0);
         let places: Vec<_> = (0..3)
-            .map(|_| match Gate::admit(&g) {
+            .map(|_| match Gate::admit(&g, 0) {
                 Admission::Queued(place) => place,
                 _ => unreachable!(),
             })
@@ -380,12 +630,12 @@ mod loom_models {
     #[test]
     fn loom_a_freed_slot_reaches_the_waiter() {
         loom::model(|| {
-            let gate = Arc::new(Gate::new(1, 1));
-            let Admission::Slot(slot) = Gate::admit(&gate) else {
+            let gate = Arc::new(Gate::new(1, 1, false));
+            let Admission::Slot(slot) = Gate::admit(&gate, 0) else {
                 panic!("the first request runs");
             };
             let other = Arc::clone(&gate);
-            let waiter = thread::spawn(move || match Gate::admit(&other) {
+            let waiter = thread::spawn(move || match Gate::admit(&other, 0) {
                 Admission::Queued(place) => wait_then_run(place),
                 Admission::Slot(slot) => drop(slot),
                 _ => panic!("refused with a place free"),
@@ -399,11 +649,11 @@ mod loom_models {
     #[test]
     fn loom_a_waiter_leaving_as_its_slot_frees_neither_leaks_nor_doubles() {
         loom::model(|| {
-            let gate = Arc::new(Gate::new(1, 1));
-            let Admission::Slot(slot) = Gate::admit(&gate) else {
+            let gate = Arc::new(Gate::new(1, 1, false));
+            let Admission::Slot(slot) = Gate::admit(&gate, 0) else {
                 panic!("the first request runs");
             };
-            let Admission::Queued(place) = Gate::admit(&gate) else {
+            let Admission::Queued(place) = Gate::admit(&gate, 0) else {
                 panic!("the second waits");
             };
             let releasing = thread::spawn(move || drop(slot));
@@ -416,12 +666,12 @@ mod loom_models {
     #[test]
     fn loom_raising_parallelism_while_waiters_leave_and_run() {
         loom::model(|| {
-            let gate = Arc::new(Gate::new(1, 2));
-            let Admission::Slot(slot) = Gate::admit(&gate) else {
+            let gate = Arc::new(Gate::new(1, 2, false));
+            let Admission::Slot(slot) = Gate::admit(&gate, 0) else {
                 panic!("the first request runs");
             };
             let (Admission::Queued(first), Admission::Queued(second)) =
-                (Gate::admit(&gate), Gate::admit(&gate))
+                (Gate::admit(&gate, 0), Gate::admit(&gate, 0))
             else {
                 panic!("the next two wait");
             };

@@ -6,7 +6,8 @@ use std::time::Duration;
 use tower::{BoxError, Service};
 
 use super::future::ResponseFuture;
-use super::queue::Gate;
+use super::line::{LineOf, OneLine};
+use super::queue::{Admission, Gate};
 use crate::sync::Arc;
 use crate::Error;
 
@@ -34,13 +35,14 @@ use crate::Error;
 /// A slot is returned when the response future completes (for HTTP: when
 /// the response head arrives) or is dropped; a queued future that is
 /// dropped leaves the queue, or passes on a slot it had just been handed.
-pub struct ConcurrencyGate<S> {
+pub struct ConcurrencyGate<S, L = OneLine> {
     pub(super) inner: S,
     pub(super) gate: Arc<Gate>,
     pub(super) queue_timeout: Option<Duration>,
+    pub(super) lines: L,
 }
 
-impl<S> ConcurrencyGate<S> {
+impl<S, L> ConcurrencyGate<S, L> {
     /// Live figures and the parallelism knob of this gate (shared by all
     /// clones).
     pub fn handle(&self) -> ConcurrencyGateHandle {
@@ -65,17 +67,18 @@ impl<S> ConcurrencyGate<S> {
     }
 }
 
-impl<S: Clone> Clone for ConcurrencyGate<S> {
+impl<S: Clone, L: Clone> Clone for ConcurrencyGate<S, L> {
     fn clone(&self) -> Self {
         ConcurrencyGate {
             inner: self.inner.clone(),
             gate: Arc::clone(&self.gate),
             queue_timeout: self.queue_timeout,
+            lines: self.lines.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for ConcurrencyGate<S> {
+impl<S: fmt::Debug, L> fmt::Debug for ConcurrencyGate<S, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyGate")
             .field("inner", &self.inner)
@@ -85,10 +88,11 @@ impl<S: fmt::Debug> fmt::Debug for ConcurrencyGate<S> {
     }
 }
 
-impl<S, Request> Service<Request> for ConcurrencyGate<S>
+impl<S, L, Request> Service<Request> for ConcurrencyGate<S, L>
 where
     S: Service<Request> + Clone,
     S::Error: Into<BoxError>,
+    L: LineOf<Request>,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -99,7 +103,17 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let admission = Gate::admit(&self.gate);
+        // The request's line is read only if it has to wait for a slot.
+        let (request, admission) = match self.gate.by_line() {
+            false => (request, Gate::admit(&self.gate, 0)),
+            true => match Gate::try_slot(&self.gate) {
+                Some(slot) => (request, Admission::Slot(slot)),
+                None => {
+                    let (request, line) = self.lines.line_of(request);
+                    (request, Gate::admit(&self.gate, line))
+                }
+            },
+        };
         ResponseFuture::new(
             admission,
             self.inner.clone(),
@@ -123,9 +137,17 @@ impl ConcurrencyGateHandle {
         self.gate.in_flight()
     }
 
-    /// Requests waiting for a slot now.
+    /// Requests waiting for a slot now: not yet admitted, or taking back
+    /// a slot they lent.
     pub fn queued(&self) -> usize {
         self.gate.queued()
+    }
+
+    /// Admitted requests waiting for their connection's token now, with
+    /// their slot lent to requests that can go. They count against the
+    /// queue limit with [`queued`](ConcurrencyGateHandle::queued).
+    pub fn lent(&self) -> usize {
+        self.gate.lent()
     }
 
     /// Requests refused so far because the queue was full.

@@ -14,6 +14,7 @@ use tower::{BoxError, Service};
 
 use super::service::{Asking, Decision, Reporting, Shared};
 use super::waitlist::Ticket;
+use crate::concurrency::{line_of, SeatLoan};
 use crate::Error;
 
 pin_project! {
@@ -43,6 +44,9 @@ pin_project! {
         fleet_at: FleetAt,
         // The request's place in its connection's line, while it waits.
         ticket: Option<Ticket<K>>,
+        // The gate slot this request lent back while it waits for a token
+        // (see `crate::concurrency::seat`); it must be seated to be sent.
+        loan: Option<SeatLoan>,
         shared: Arc<Shared<K>>,
     }
 }
@@ -78,6 +82,7 @@ where
             sent_at: 0,
             fleet_at: FleetAt::default(),
             ticket: None,
+            loan: None,
             shared,
         }
     }
@@ -125,7 +130,10 @@ where
                     return Poll::Ready(Ok(response));
                 }
                 StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
+                    if sleep.poll(cx).is_pending() {
+                        lend_slot(this.loan, this.key, cx);
+                        return Poll::Pending;
+                    }
                     this.state.set(State::InLine);
                     continue;
                 }
@@ -135,7 +143,10 @@ where
                         .ticket
                         .as_ref()
                         .expect("a request in line has a ticket");
-                    ready!(ticket.poll_head(cx));
+                    if ticket.poll_head(cx).is_pending() {
+                        lend_slot(this.loan, this.key, cx);
+                        return Poll::Pending;
+                    }
                     None
                 }
                 StateProj::Arriving => {
@@ -168,7 +179,13 @@ where
                     None
                 }
             };
-            // Nobody is ahead of this request: try the bucket.
+            // Nobody is ahead of this request: take back the slot it lent
+            // (if it did), then try the bucket.
+            if decided.is_none() {
+                if let Some(loan) = this.loan {
+                    ready!(loan.poll_seated(cx));
+                }
+            }
             let now = buckets.now();
             let decision = match decided {
                 Some(decision) => decision,
@@ -219,6 +236,17 @@ where
                 }
             }
         }
+    }
+}
+
+/// Lends the request's gate slot while it waits for a token on `key`, so
+/// that a request of another connection can use it. Called on every poll
+/// that leaves the request waiting: a lend refused for want of a waiting
+/// place is tried again when the gate wakes the request.
+fn lend_slot<K: Hash>(loan: &mut Option<SeatLoan>, key: &K, cx: &Context<'_>) {
+    match loan {
+        Some(loan) => loan.lend(cx),
+        None => *loan = SeatLoan::lend_seat(line_of(key), cx),
     }
 }
 

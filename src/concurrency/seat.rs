@@ -1,0 +1,214 @@
+//! Lending a slot: how a request that must wait for its connection's token
+//! gives its slot to a request that can go, and takes one back in turn.
+//!
+//! The gate's response future owns its request's [`Seat`]. While it polls
+//! the inner service's future it puts the seat where code further in, on
+//! the same thread, can find it: a thread-local, the way `tracing` finds
+//! the current span. The rate limiter's future, about to wait for a token,
+//! lends the slot ([`SeatLoan::lend`]); before it sends, it waits to be
+//! seated again ([`SeatLoan::poll_seated`]). So the gate knows nothing of
+//! tokens, the rate limiter nothing of slots, and a request holds a slot
+//! only while it is being sent, answered, or sleeping between its own
+//! retries.
+//!
+//! Without a gate outside it, or when something between them polls the
+//! rate limiter on another task (a `tower::buffer::Buffer`), there is no
+//! seat to find: the request keeps its slot while it waits, as it would
+//! without lending.
+//!
+//! If the rate limiter's future is dropped while the slot is lent (an
+//! attempt timed out, a retry gave up on it), the loan has no lender: the
+//! gate's future takes the slot back itself before it polls further in,
+//! so a request never goes on (to sleep before a retry, or to a next
+//! attempt) without a slot.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use super::queue::{Lent, Place, Slot};
+
+/// What an admitted request holds: its slot, or a loan of it.
+#[derive(Debug)]
+pub(super) enum Seat {
+    Seated(Slot),
+    Loaned(Arc<Loan>),
+}
+
+thread_local! {
+    // The seat of the request whose gate future is polling its inner
+    // future on this thread, if any.
+    static CURRENT: Cell<Option<Seat>> = const { Cell::new(None) };
+}
+
+/// Runs `poll` with `seat` as this thread's current seat, and takes it
+/// back afterwards, also if `poll` panics. Nested gates each see their
+/// own: the outer seat is put back when the inner poll ends.
+pub(super) fn polling_with<R>(seat: &mut Option<Seat>, poll: impl FnOnce() -> R) -> R {
+    struct Restore<'a> {
+        seat: &'a mut Option<Seat>,
+        outer: Option<Seat>,
+    }
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            let outer = self.outer.take();
+            if let Ok(seat) = CURRENT.try_with(|current| current.replace(outer)) {
+                *self.seat = seat;
+            }
+        }
+    }
+    let Ok(outer) = CURRENT.try_with(|current| current.replace(seat.take())) else {
+        // Thread-locals are being torn down: poll without lending.
+        return poll();
+    };
+    let _restore = Restore { seat, outer };
+    poll()
+}
+
+/// A lent slot, shared by the gate future and the rate limiter's future
+/// that lent it.
+#[derive(Debug)]
+pub(super) struct Loan {
+    away: Mutex<Away>,
+    // The line the request takes its slot back in.
+    line: u64,
+    // Whether a rate limiter's future still holds the loan. If none does,
+    // the gate future takes the slot back before polling further in.
+    lender: AtomicBool,
+}
+
+#[derive(Debug)]
+enum Away {
+    Lent(Lent),
+    Reclaiming(Place),
+    Seated(Slot),
+    // Only while a transition is under way (see `Loan::step`).
+    Moving,
+}
+
+impl Loan {
+    fn away(&self) -> std::sync::MutexGuard<'_, Away> {
+        self.away.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ready once the request holds a slot again: at once if one is free
+    /// and nobody waits, else when its turn comes.
+    pub(super) fn poll_seated(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut away = self.away();
+        loop {
+            let (next, ready) = match std::mem::replace(&mut *away, Away::Moving) {
+                Away::Seated(slot) => (Away::Seated(slot), true),
+                Away::Lent(lent) => match lent.reclaim() {
+                    Ok(slot) => (Away::Seated(slot), true),
+                    Err(place) => (Away::Reclaiming(place), false),
+                },
+                Away::Reclaiming(mut place) => match place.poll_granted(cx) {
+                    Poll::Ready(()) => (Away::Seated(place.into_slot()), true),
+                    Poll::Pending => {
+                        *away = Away::Reclaiming(place);
+                        return Poll::Pending;
+                    }
+                },
+                // Only after a panic mid-transition (nothing there can
+                // panic): let the request go rather than hang it.
+                Away::Moving => (Away::Moving, true),
+            };
+            *away = next;
+            if ready {
+                return Poll::Ready(());
+            }
+        }
+    }
+
+    /// Lends the slot if the request holds it. If no waiting place is
+    /// free it keeps it, and `cx` is woken to try again when one is.
+    fn lend(&self, cx: &Context<'_>) {
+        let mut away = self.away();
+        if let Away::Seated(_) = &*away {
+            let Away::Seated(slot) = std::mem::replace(&mut *away, Away::Moving) else {
+                unreachable!("matched above")
+            };
+            *away = match slot.lend(self.line, cx.waker()) {
+                Ok(lent) => Away::Lent(lent),
+                Err(slot) => Away::Seated(slot),
+            };
+        }
+    }
+
+    /// Whether the gate future must take the slot back before it polls
+    /// further in: lent, and nobody left to take it back.
+    pub(super) fn orphaned(&self) -> bool {
+        !self.lender.load(Ordering::Acquire) && !matches!(*self.away(), Away::Seated(_))
+    }
+}
+
+/// The rate limiter's hold on its request's gate slot while the request
+/// waits for a token: made by [`SeatLoan::lend`]; the request must be
+/// [seated](SeatLoan::poll_seated) again before it is sent.
+#[derive(Debug)]
+pub(crate) struct SeatLoan {
+    loan: Arc<Loan>,
+}
+
+impl SeatLoan {
+    /// Lends the slot of the request being polled on this thread, which
+    /// waits for a token on `line` (the gate's line of its connection:
+    /// [`line_of`](super::line_of) its key). `None` if no gate admitted the
+    /// request here, or another future of the request holds its loan: the
+    /// request then keeps its slot. If no waiting place is free, the
+    /// request keeps its slot for now; [`lend`](SeatLoan::lend) again on
+    /// each poll while it waits (the gate wakes it when lending can work).
+    pub(crate) fn lend_seat(line: u64, cx: &Context<'_>) -> Option<SeatLoan> {
+        CURRENT
+            .try_with(|current| {
+                let (seat, loan) = match current.take() {
+                    None => (None, None),
+                    Some(Seat::Seated(slot)) => {
+                        let loan = Arc::new(Loan {
+                            away: Mutex::new(Away::Seated(slot)),
+                            line,
+                            lender: AtomicBool::new(true),
+                        });
+                        (Some(Seat::Loaned(Arc::clone(&loan))), Some(loan))
+                    }
+                    Some(Seat::Loaned(loan)) => {
+                        // A loan whose lender is gone (its attempt was
+                        // dropped within this poll): this one adopts it.
+                        let adopted = loan
+                            .lender
+                            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok();
+                        let held = adopted.then(|| Arc::clone(&loan));
+                        (Some(Seat::Loaned(loan)), held)
+                    }
+                };
+                current.set(seat);
+                let loan = loan.map(|loan| SeatLoan { loan })?;
+                loan.lend(cx);
+                Some(loan)
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Lends the slot if the request holds it (after
+    /// [`poll_seated`](SeatLoan::poll_seated) found the token still not
+    /// there, or while a waiting place was not free).
+    pub(crate) fn lend(&self, cx: &Context<'_>) {
+        self.loan.lend(cx);
+    }
+
+    /// Ready once the request holds a slot: at once if it still does or
+    /// one is free, else when its turn in its line comes (it keeps the
+    /// place of its first arrival).
+    pub(crate) fn poll_seated(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.loan.poll_seated(cx)
+    }
+}
+
+impl Drop for SeatLoan {
+    fn drop(&mut self) {
+        self.loan.lender.store(false, Ordering::Release);
+    }
+}

@@ -1,0 +1,359 @@
+//! Slots go to requests that can make progress, in turn between
+//! connections: a request waiting for its connection's token (paused by a
+//! 429, or out of tokens) lends its gate slot to a ready request of
+//! another connection. Virtual time throughout, except the last test (a
+//! 2-thread runtime for the cancellation races).
+
+mod common;
+
+use common::{secs, watchdog};
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{Request, Response, StatusCode};
+use tokio::time::{sleep, sleep_until, Instant};
+use tollgate::concurrency::ConcurrencyGateHandle;
+use tollgate::{Backoff, Error, Quota, Tollgate, TollgateService};
+use tower::{BoxError, Service, ServiceExt};
+
+const LATENCY: Duration = Duration::from_millis(10);
+
+/// A server with one rule per host: takes `latency` per request; host `a`
+/// answers its first `throttle_a` requests `429` with `Retry-After`
+/// `retry_after` seconds. It counts completions per host and the most
+/// requests it had at once.
+#[derive(Clone)]
+struct Server {
+    latency: Duration,
+    throttle_a: u64,
+    retry_after: u64,
+    seen_a: Arc<AtomicU64>,
+    running: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    // (host, when it arrived, when it was answered) for every request.
+    log: Arc<Mutex<Vec<(String, Duration, Duration)>>>,
+    start: Instant,
+}
+
+impl Server {
+    fn new(latency: Duration) -> Self {
+        Server {
+            latency,
+            throttle_a: 0,
+            retry_after: 0,
+            seen_a: Arc::default(),
+            running: Arc::default(),
+            most: Arc::default(),
+            log: Arc::default(),
+            start: Instant::now(),
+        }
+    }
+
+    fn throttling_a(mut self, count: u64, retry_after: u64) -> Self {
+        self.throttle_a = count;
+        self.retry_after = retry_after;
+        self
+    }
+
+    fn most(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+
+    /// Requests to `host` answered 200 within `[from, to)` since the start.
+    fn ok(&self, host: &str, from: Duration, to: Duration) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(h, _, done)| h == host && *done >= from && *done < to)
+            .count()
+    }
+
+    fn arrivals(&self, host: &str) -> Vec<Duration> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(h, _, _)| h == host)
+            .map(|(_, at, _)| *at)
+            .collect()
+    }
+}
+
+impl Service<Request<()>> for Server {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<()>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let host = request.uri().host().unwrap_or_default().to_owned();
+        let throttled = host == "a" && self.seen_a.fetch_add(1, Ordering::SeqCst) < self.throttle_a;
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let server = self.clone();
+        Box::pin(async move {
+            let arrived = server.start.elapsed();
+            sleep(server.latency).await;
+            server.running.fetch_sub(1, Ordering::SeqCst);
+            let mut response = Response::new(());
+            if throttled {
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                let value = http::HeaderValue::from(server.retry_after);
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, value);
+            } else {
+                let done = server.start.elapsed();
+                server.log.lock().unwrap().push((host, arrived, done));
+            }
+            Ok(response)
+        })
+    }
+}
+
+type Client = TollgateService<Server>;
+
+fn get(host: &str) -> Request<()> {
+    Request::get(format!("http://{host}/leads"))
+        .body(())
+        .unwrap()
+}
+
+/// Keeps `in_hand` requests to `host` going from `start` until `stop`
+/// (then drops what is still in hand); returns how many ended in an error.
+async fn feed(client: Client, host: &'static str, in_hand: usize, start: Instant, stop: Instant) {
+    sleep_until(start).await;
+    let mut running = FuturesUnordered::new();
+    let stopping = sleep_until(stop);
+    tokio::pin!(stopping);
+    loop {
+        while running.len() < in_hand {
+            running.push(client.clone().oneshot(get(host)));
+        }
+        tokio::select! {
+            done = running.next() => {
+                let response = done.expect("never empty").expect("nothing is refused or lost");
+                assert!(response.status().is_success() || response.status() == 429);
+            }
+            () = &mut stopping => return,
+        }
+    }
+}
+
+/// Requests working on the server never exceed the gate's parallelism and
+/// the gate never holds more than it promises.
+fn assert_promises_kept(server: &Server, gate: &ConcurrencyGateHandle, parallelism: usize) {
+    assert!(server.most() <= parallelism, "{} at once", server.most());
+    assert!(gate.queued() + gate.lent() <= gate.queue_limit());
+}
+
+/// The scenario: parallelism 10, no quota, `a` and `b` keep 15
+/// requests in hand each, `a`'s first request is answered 429 with
+/// `Retry-After: 10`. Returns `b`'s completions during `a`'s pause and
+/// the server.
+async fn b_during_a_pause(with_a: bool) -> (usize, Server) {
+    let server = Server::new(LATENCY).throttling_a(1, 10);
+    let client = Tollgate::builder()
+        .parallelism(10)
+        .build(server.clone())
+        .unwrap();
+    let gate = client.handle();
+    let start = Instant::now();
+    // a's pause ends at 10.01 s: a second more shows it go on.
+    let stop = start + secs(11);
+    let mut feeders = vec![tokio::spawn(feed(client.clone(), "b", 15, start, stop))];
+    if with_a {
+        feeders.push(tokio::spawn(feed(client.clone(), "a", 15, start, stop)));
+    }
+    // Sample the gate's promises while the load runs.
+    while Instant::now() < stop {
+        assert_promises_kept(&server, &gate, 10);
+        sleep(Duration::from_millis(7)).await;
+    }
+    for feeder in feeders {
+        feeder.await.unwrap();
+    }
+    // a's 429 arrived after one latency; its pause lasts 10 s from there.
+    let b = server.ok("b", LATENCY, LATENCY + secs(10));
+    (b, server)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_connection_leaves_the_slots_to_the_other() {
+    watchdog(secs(600), async {
+        let (alone, _) = b_during_a_pause(false).await;
+        let (beside_a, server) = b_during_a_pause(true).await;
+        // 10 slots / 10 ms = 1,000 a second, less the first round trip.
+        assert!(alone > 9_000, "b alone: {alone}");
+        // One slot stays with a's throttled request, sleeping before its
+        // retry (as it must): 9 of 10 for b. Before slots were lent, 15.
+        assert!(
+            beside_a * 2 >= alone,
+            "b beside a paused a: {beside_a} of {alone} alone"
+        );
+        // a went on once its pause ended.
+        assert!(server.ok("a", secs(10), secs(11)) > 0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_starved_connection_beside_a_full_one() {
+    watchdog(secs(600), async {
+        // 2 a second per connection, a burst of 10. `a` keeps 20 in hand
+        // from the start and spends its burst at once; `b` arrives 1 s
+        // later with 10 in hand, bucket full. Over the next 5 s `b` should
+        // do what it does alone, its burst and 2 a second, however many of
+        // a's requests wait for tokens.
+        let run = |with_a: bool| async move {
+            let server = Server::new(LATENCY);
+            let client = Tollgate::builder()
+                .parallelism(10)
+                .per_connection(Quota::per_second(2).burst(10))
+                .build(server.clone())
+                .unwrap();
+            let start = Instant::now();
+            let mut feeders = vec![tokio::spawn(feed(
+                client.clone(),
+                "b",
+                10,
+                start + secs(1),
+                start + secs(6),
+            ))];
+            if with_a {
+                let a = feed(client.clone(), "a", 20, start, start + secs(6));
+                feeders.push(tokio::spawn(a));
+            }
+            for feeder in feeders {
+                feeder.await.unwrap();
+            }
+            assert!(server.most() <= 10);
+            (
+                server.ok("b", secs(1), secs(6)),
+                server.ok("a", secs(1), secs(6)),
+            )
+        };
+        let (alone, _) = run(false).await;
+        let (beside_a, a) = run(true).await;
+        assert!(alone >= 19, "b alone: {alone}");
+        assert!(a >= 9, "a spent its own quota meanwhile: {a}");
+        // Before slots were lent, a's requests waiting for tokens held
+        // every slot, and b's waited in the queue behind a's: 9 of 19.
+        assert!(
+            beside_a * 10 >= alone * 9,
+            "b beside a starved a: {beside_a} of {alone} alone"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_sleeping_before_its_retry_keeps_its_slot() {
+    watchdog(secs(600), async {
+        // One slot. a's first request is answered 429, Retry-After 2: it
+        // sleeps 2 s before its retry, holding the slot, so b's request
+        // (another connection, nothing paused) waits in the queue.
+        let server = Server::new(LATENCY).throttling_a(1, 2);
+        let client = Tollgate::builder()
+            .parallelism(1)
+            .retry(Backoff::fixed(Duration::from_millis(100)))
+            .build(server.clone())
+            .unwrap();
+        let a = tokio::spawn(client.clone().oneshot(get("a")));
+        tokio::task::yield_now().await;
+        let b = tokio::spawn(client.clone().oneshot(get("b")));
+        assert_eq!(a.await.unwrap().unwrap().status(), 200);
+        assert_eq!(b.await.unwrap().unwrap().status(), 200);
+        let a_retry = server.arrivals("a")[0];
+        let b_sent = server.arrivals("b")[0];
+        // The retry went after 10 ms + 2 s; b only once it was answered.
+        assert_eq!(a_retry, LATENCY + secs(2));
+        assert_eq!(b_sent, a_retry + LATENCY);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_connections_take_the_slots_in_turn() {
+    watchdog(secs(600), async {
+        // Two slots, one second a request. a queues a burst of 12 first,
+        // then b 4: b's take every other slot instead of waiting for all
+        // of a's.
+        let server = Server::new(secs(1));
+        let client = Tollgate::builder()
+            .parallelism(2)
+            .queue_limit(20)
+            .build(server.clone())
+            .unwrap();
+        let mut requests = Vec::new();
+        for _ in 0..12 {
+            requests.push(tokio::spawn(client.clone().oneshot(get("a"))));
+        }
+        tokio::task::yield_now().await;
+        for _ in 0..4 {
+            requests.push(tokio::spawn(client.clone().oneshot(get("b"))));
+        }
+        for request in requests {
+            assert_eq!(request.await.unwrap().unwrap().status(), 200);
+        }
+        let b: Vec<_> = server.arrivals("b").iter().map(Duration::as_secs).collect();
+        // Rounds at 1, 2, 3, 4 s each send one of a's and one of b's.
+        assert_eq!(b, [1, 2, 3, 4]);
+        let a_by_4s = server
+            .arrivals("a")
+            .iter()
+            .filter(|at| at.as_secs() <= 4)
+            .count();
+        assert_eq!(a_by_4s, 2 + 4);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lent_slots_count_against_the_queue_and_refusal_stays_at_once() {
+    watchdog(secs(600), async {
+        // 2 slots, 3 waiting places. a is paused for 10 s: its requests
+        // lend their slots, each taking a waiting place; b's use the slots.
+        let server = Server::new(LATENCY).throttling_a(1, 10);
+        let client = Tollgate::builder()
+            .parallelism(2)
+            .queue_limit(3)
+            .retry(Backoff::none())
+            .build(server.clone())
+            .unwrap();
+        let gate = client.handle();
+        let first = client.clone().oneshot(get("a")).await.unwrap();
+        assert_eq!(first.status(), 429);
+        let a: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(client.clone().oneshot(get("a"))))
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!((gate.in_flight(), gate.lent(), gate.queued()), (0, 3, 0));
+        // Both slots are free for b; a fourth waiter of a has no place.
+        let b: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(client.clone().oneshot(get("b"))))
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(gate.in_flight(), 2);
+        let refused = client.clone().oneshot(get("a")).await.unwrap_err();
+        assert_eq!(refused.downcast_ref::<Error>(), Some(&Error::QueueFull));
+        for request in b {
+            assert_eq!(request.await.unwrap().unwrap().status(), 200);
+        }
+        assert_eq!(server.ok("b", Duration::ZERO, secs(1)), 2);
+        for request in a {
+            assert_eq!(request.await.unwrap().unwrap().status(), 200);
+        }
+        assert!(server.most() <= 2);
+        assert_eq!((gate.in_flight(), gate.lent(), gate.queued()), (0, 0, 0));
+    })
+    .await;
+}
