@@ -23,11 +23,15 @@
 //!   are counted from 1 s to 6 s. `b` alone is held to the same quota.
 //!
 //! **Real server** (with `TOLLGATE_SERVER` and the `reqwest` feature):
-//! nginx on 127.0.0.1 (`scripts/nginx.conf`), reqwest underneath. `a`
-//! asks for `/paused` (always `429`, `Retry-After: 5`) as
-//! `ConnectionKey::new("a")`, `b` for `/ok` (`200`) as
-//! `ConnectionKey::new("b")`. `b` alone first, then both; each run lasts
-//! 5 s, after which whatever is still in hand is dropped. The retry layer
+//! nginx on 127.0.0.1 (`scripts/nginx.conf`), reqwest underneath. `b`
+//! asks for `/ok` (`200`) as `ConnectionKey::new("b")`; `a`, as
+//! `ConnectionKey::new("a")`, asks for `/paused` (always `429`,
+//! `Retry-After: 5`) either once, its first request, then `/ok` (the
+//! issue's case: one 429 pauses the connection), or every time (every
+//! request `a` has in flight is answered 429 and sleeps 5 s before its
+//! retry, keeping its slot: the gate bounds requests working on a server,
+//! retries included). `b` alone first, then both; each run lasts 5 s,
+//! after which whatever is still in hand is dropped. The retry layer
 //! retries `a`'s 429s as it would in production.
 //!
 //! A completion is a response handed back to its caller inside the
@@ -364,7 +368,7 @@ mod real {
         request
     }
 
-    async fn run(base: &str, with_a: bool) -> Run {
+    async fn run(base: &str, with_a: bool, a_always_throttled: bool) -> Run {
         let counts = Arc::new(Wire::default());
         let client = Tollgate::builder()
             .parallelism(PARALLELISM)
@@ -379,7 +383,16 @@ mod real {
         let (a, b) = (Tally::default(), Tally::default());
         let feed_a = async {
             if with_a {
-                feed(client.clone(), || on(base, "/paused", "a"), window, &a).await;
+                let first = std::sync::atomic::AtomicBool::new(true);
+                let path = || {
+                    let first = first.swap(false, Ordering::Relaxed);
+                    if first || a_always_throttled {
+                        "/paused"
+                    } else {
+                        "/ok"
+                    }
+                };
+                feed(client.clone(), || on(base, path(), "a"), window, &a).await;
             }
         };
         let feed_b = feed(client.clone(), || on(base, "/ok", "b"), window, &b);
@@ -390,11 +403,6 @@ mod real {
 
     pub(super) fn real_server(base: &str) {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-        let (alone, both) = runtime.block_on(async {
-            let alone = run(base, false).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            (alone, run(base, true).await)
-        });
         println!(
             "\nreal server: {base}, reqwest; parallelism {PARALLELISM}, each caller {IN_HAND} in hand, \
              {RUN:?} per run (`b` alone first)\n"
@@ -403,18 +411,37 @@ mod real {
             "| scenario | `b` with `a` | `b` alone | ratio | `a` answered | refused or failed (`a` / `b`) | 429s received | max in flight (with `a` / alone) |"
         );
         println!("|---|---|---|---|---|---|---|---|");
-        println!(
-            "| `a`: `/paused` (always 429, Retry-After: 5), `b`: `/ok` | {} | {} | {:.4} | {} | {} / {} | {} | {} / {} |",
-            both.b.succeeded(),
-            alone.b.succeeded(),
-            ratio(both.b.succeeded(), alone.b.succeeded()),
-            both.a.answered(),
-            both.a.failed(),
-            both.b.failed(),
-            Wire::get(&both.wire.throttled),
-            Wire::get(&both.wire.max_in_flight),
-            Wire::get(&alone.wire.max_in_flight),
-        );
+        let scenarios = [
+            (
+                false,
+                "`a`: first request `/paused` (429, Retry-After: 5), then `/ok`; `b`: `/ok`",
+            ),
+            (
+                true,
+                "`a`: every request `/paused` (429, Retry-After: 5); `b`: `/ok`",
+            ),
+        ];
+        for (always, name) in scenarios {
+            let (alone, both) = runtime.block_on(async {
+                let alone = run(base, false, always).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let both = run(base, true, always).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                (alone, both)
+            });
+            println!(
+                "| {name} | {} | {} | {:.4} | {} | {} / {} | {} | {} / {} |",
+                both.b.succeeded(),
+                alone.b.succeeded(),
+                ratio(both.b.succeeded(), alone.b.succeeded()),
+                both.a.answered(),
+                both.a.failed(),
+                both.b.failed(),
+                Wire::get(&both.wire.throttled),
+                Wire::get(&both.wire.max_in_flight),
+                Wire::get(&alone.wire.max_in_flight),
+            );
+        }
     }
 }
 

@@ -31,6 +31,8 @@ const LATENCY: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 struct Server {
     latency: Duration,
+    // b's latency, if not `latency`.
+    latency_b: Option<Duration>,
     throttle_a: u64,
     retry_after: u64,
     seen_a: Arc<AtomicU64>,
@@ -45,6 +47,7 @@ impl Server {
     fn new(latency: Duration) -> Self {
         Server {
             latency,
+            latency_b: None,
             throttle_a: 0,
             retry_after: 0,
             seen_a: Arc::default(),
@@ -99,9 +102,13 @@ impl Service<Request<()>> for Server {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
         let server = self.clone();
+        let latency = match server.latency_b {
+            Some(latency) if host == "b" => latency,
+            _ => server.latency,
+        };
         Box::pin(async move {
             let arrived = server.start.elapsed();
-            sleep(server.latency).await;
+            sleep(latency).await;
             server.running.fetch_sub(1, Ordering::SeqCst);
             let mut response = Response::new(());
             if throttled {
@@ -354,6 +361,210 @@ async fn lent_slots_count_against_the_queue_and_refusal_stays_at_once() {
         }
         assert!(server.most() <= 2);
         assert_eq!((gate.in_flight(), gate.lent(), gate.queued()), (0, 0, 0));
+    })
+    .await;
+}
+
+/// Polls the inner future at most `polls` times, then drops it.
+struct DropAfter<F> {
+    inner: Option<Pin<Box<F>>>,
+    polls: u32,
+}
+
+impl<F: Future> Future for DropAfter<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polls == 0 {
+            self.inner = None;
+            return Poll::Ready(None);
+        }
+        self.polls -= 1;
+        match self.inner.as_mut().map(|f| f.as_mut().poll(cx)) {
+            Some(Poll::Ready(out)) => Poll::Ready(Some(out)),
+            Some(Poll::Pending) => Poll::Pending,
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// Answers at once after yielding a few times (real time: no sleeping).
+#[derive(Clone, Default)]
+struct Yielding {
+    running: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+impl Service<Request<()>> for Yielding {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<()>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        // Counted out when answered or dropped.
+        let running = Running(Arc::clone(&self.running));
+        let yields = request.uri().path().len() % 4;
+        Box::pin(async move {
+            for _ in 0..yields {
+                tokio::task::yield_now().await;
+            }
+            drop(running);
+            Ok(Response::new(()))
+        })
+    }
+}
+
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_drops_while_slots_are_lent_leak_nothing() {
+    watchdog(secs(600), async {
+        // A tight quota on 8 connections, so that requests wait for tokens
+        // and lend their slots; dropped at random points: queued, lent,
+        // taking a slot back, sent. (The gate's own races on a 2-thread
+        // runtime are tests/concurrency.rs's; lending's, the loom models'.)
+        const P: usize = 4;
+        let server = Yielding::default();
+        let client = Tollgate::builder()
+            .parallelism(P)
+            .queue_limit(64)
+            .per_connection(Quota::per_second(5_000).burst(2))
+            .build(server.clone())
+            .unwrap();
+        let gate = client.handle();
+        let limiter = client.get_ref().get_ref().handle();
+        let mut x = 0x2545_F491_u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let mut tasks = Vec::new();
+        let mut most_lent = 0;
+        for id in 0..10_000u32 {
+            let polls = next() % 8;
+            let host = format!("http://c{}/{}", next() % 8, "x".repeat(id as usize % 4));
+            let request = Request::get(host).body(()).unwrap();
+            let future = client.clone().oneshot(request);
+            tasks.push(tokio::spawn(DropAfter {
+                inner: Some(Box::pin(future)),
+                polls: if polls >= 6 { u32::MAX } else { polls },
+            }));
+            if next() % 5 == 0 {
+                let victim = next() as usize % tasks.len();
+                tasks[victim].abort();
+            }
+            if id % 16 == 0 {
+                most_lent = most_lent.max(gate.lent());
+                sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let (mut done, mut dropped, mut refused) = (0, 0, 0);
+        for task in tasks {
+            match task.await {
+                Ok(Some(Ok(_))) => done += 1,
+                Ok(Some(Err(error))) => {
+                    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::QueueFull));
+                    refused += 1;
+                }
+                Ok(None) | Err(_) => dropped += 1,
+            }
+        }
+        assert_eq!(done + dropped + refused, 10_000);
+        assert!(done > 0 && dropped > 0, "done {done}, dropped {dropped}");
+        assert!(most_lent > 0, "slots were lent");
+        assert_eq!((gate.in_flight(), gate.queued(), gate.lent()), (0, 0, 0));
+        assert_eq!(limiter.waiting(), 0);
+        assert!(server.most.load(Ordering::SeqCst) <= P);
+        assert_eq!(server.running.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_lent_by_an_attempt_that_timed_out_is_taken_back_before_the_retry() {
+    watchdog(secs(600), async {
+        use tollgate::rate_limit::ByConnection;
+        use tollgate::{ConcurrencyGateLayer, RateLimitLayer, RetryLayer};
+        use tower::{Layer, ServiceBuilder};
+
+        /// Gives each attempt 1 s.
+        #[derive(Clone)]
+        struct AttemptTimeout<S>(S);
+
+        impl<S> Service<Request<()>> for AttemptTimeout<S>
+        where
+            S: Service<Request<()>, Response = Response<()>, Error = BoxError> + Clone,
+            S::Future: Send + 'static,
+        {
+            type Response = Response<()>;
+            type Error = BoxError;
+            type Future = Pin<Box<dyn Future<Output = Result<Response<()>, BoxError>> + Send>>;
+
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+                self.0.poll_ready(cx)
+            }
+
+            fn call(&mut self, request: Request<()>) -> Self::Future {
+                let attempt = tokio::time::timeout(secs(1), self.0.call(request));
+                Box::pin(async move { attempt.await? })
+            }
+        }
+
+        // Two slots; each attempt may take 1 s. a's first request is
+        // answered 429, Retry-After 10: it sleeps before its retry in one
+        // slot, and a is paused for 10 s, so a's next request lends the
+        // other slot while it waits; b's request takes it (for 10 s, timed
+        // out after 1). At 1 s a's attempt times out: its rate
+        // limiter's future is dropped with the slot lent. The retry must
+        // not sleep without a slot: the gate takes one back (it waits for
+        // b's) before the request goes on.
+        let server = Server {
+            latency_b: Some(secs(10)),
+            ..Server::new(LATENCY).throttling_a(1, 10)
+        };
+        let rate_limit = RateLimitLayer::per_connection(Quota::unlimited()).layer(server);
+        let attempt_timeout = AttemptTimeout(rate_limit);
+        let client = ServiceBuilder::new()
+            .layer(ConcurrencyGateLayer::new(2).share_by(ByConnection))
+            .layer(RetryLayer::new(
+                Backoff::fixed(Duration::from_millis(100)).max_retries(3),
+            ))
+            .service(attempt_timeout);
+        let gate = client.handle();
+        // a's first request: 429, Retry-After 10, retried after 10 s.
+        let first = tokio::spawn(client.clone().oneshot(get("a")));
+        sleep(LATENCY * 2).await;
+        let second = tokio::spawn(client.clone().oneshot(get("a")));
+        tokio::task::yield_now().await;
+        let b = tokio::spawn(client.clone().oneshot(get("b")));
+        sleep(Duration::from_millis(500)).await;
+        // a's first sleeps in a slot, b's runs in the other, a's second
+        // waits for a's pause with its slot lent.
+        assert_eq!((gate.in_flight(), gate.queued(), gate.lent()), (2, 0, 1));
+        sleep(Duration::from_millis(600)).await;
+        // 1.1 s: a's attempt timed out with its slot lent; the gate is
+        // taking a slot back for it before its retry: queued, not lent.
+        assert_eq!((gate.in_flight(), gate.queued(), gate.lent()), (2, 1, 0));
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        // b's attempts all time out (10 s each, against 1 s), and so do
+        // a's second's while a is paused: each ends as the timeout's error.
+        assert!(b.await.unwrap().is_err());
+        assert!(second.await.unwrap().is_err());
+        assert_eq!((gate.in_flight(), gate.queued(), gate.lent()), (0, 0, 0));
     })
     .await;
 }

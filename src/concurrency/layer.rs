@@ -87,7 +87,10 @@ impl<L> ConcurrencyGateLayer<L> {
     /// A waiting request not admitted within `timeout` fails with
     /// [`Error::QueueTimeout`](crate::Error::QueueTimeout) (default: waits
     /// as long as it takes; the queue is bounded, so the wait is too, by
-    /// the requests ahead of it).
+    /// the requests ahead of it). It bounds the wait for a first slot
+    /// only: a request that lent its slot while waiting for a token was
+    /// admitted, and takes a slot back however long that takes (bound the
+    /// token's wait with [`RateLimitLayer::max_wait`](crate::RateLimitLayer::max_wait)).
     pub const fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.queue_timeout = Some(timeout);
         self

@@ -23,11 +23,61 @@
 //! refuse with permits to spare (apollographql/router#9034). .NET's
 //! `ConcurrencyLimiter` has a `QueueLimit`, which this matches.
 //!
-//! Slots and queue places are owned guards held by the response future, so
-//! dropping a future at any point gives back what it held. loom models of
-//! admission, release, cancellation and re-sizing (`src/concurrency/queue.rs`,
-//! run by CI) check that no wake-up is lost and no slot leaks or is counted
-//! twice. See
+//! # What a slot is: a request working on a server
+//!
+//! A slot bounds the requests **working on servers**: sent and not yet
+//! answered, or sleeping between their own retries (a request keeps its
+//! slot through its retries). A request that is admitted but must wait
+//! for its connection's token (the connection is paused by a 429, or out
+//! of tokens, or others are ahead of it in the connection's line) is not
+//! working: the [`RateLimit`](crate::RateLimit) inside **lends its slot
+//! back** to the gate while it waits, and a ready request, of another
+//! connection, runs in it. Without that, one 429 with `Retry-After: 10`
+//! on connection `a` let `a`'s waiting requests hold every slot, and
+//! connection `b` completed 15 requests in those 10 s instead of 10,000
+//! (`tests/fairness.rs`, `benches/paused.rs`: 8,991 now, one slot staying
+//! with `a`'s request that sleeps before its retry).
+//!
+//! - A lent slot counts against `queue_limit`: a request waiting for a
+//!   token is a waiting request. So `parallelism` working and
+//!   `queue_limit` waiting still bound the gate, and a new request is
+//!   refused at once when both are full. If no waiting place is free the
+//!   request keeps its slot, and lends it as soon as a request starts
+//!   waiting for one (a swap: the waiting count does not change).
+//! - Before it is sent, the request takes a slot back: at once if one is
+//!   free and nobody waits, else in its connection's line with the ticket
+//!   of its first arrival, ahead of every later request of its connection.
+//! - The rate limiter finds the slot through the gate's response future,
+//!   which, while it polls inside, leaves its slot where code on the same
+//!   thread can reach it (as `tracing` keeps the current span). A stack
+//!   that polls the rate limiter on another task (a `tower::buffer::Buffer`
+//!   between them) does not lend: its requests keep their slots while they
+//!   wait, as before.
+//! - If the rate limiter's future is dropped while its slot is lent (an
+//!   attempt timed out), the gate's future takes a slot back before it lets
+//!   the request go on, so a retry never sleeps without one.
+//!
+//! # Fair between connections: round-robin
+//!
+//! With [`share_by`](ConcurrencyGateLayer::share_by) (the
+//! [`Tollgate`](crate::Tollgate) builder shares by its connection key),
+//! waiting requests stand in one line per connection and the lines take
+//! the freed slots in turn; within a line, first come first served. A
+//! connection that queues a burst of 100 takes one slot per round, not
+//! the next 100: round-robin rather than FIFO with a per-connection cap,
+//! because a cap must be tuned to the number of connections, and
+//! round-robin gives each connection with waiting work an equal share
+//! however many there are, and a lone connection every slot. The lines
+//! share the queue's places first come first served: a caller that fills
+//! the whole queue still has every place (keep `parallelism +
+//! queue_limit` in hand across all callers to never be refused). Without
+//! `share_by` the gate keeps one line (any request type, not only HTTP).
+//!
+//! Slots, queue places and loans are owned guards held by the response
+//! futures, so dropping a future at any point gives back what it held.
+//! loom models of admission, release, cancellation, re-sizing, lending and
+//! taking back (`src/concurrency/queue.rs`, run by CI) check that no
+//! wake-up is lost and no slot leaks or is counted twice. See
 //! [`ConcurrencyGate`] for how `poll_ready` and `call` divide the work, and
 //! [`ConcurrencyGateHandle`] for live figures and run-time parallelism.
 //!

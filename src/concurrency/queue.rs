@@ -599,12 +599,142 @@ mod tests {
         assert_eq!(granted, [true, true, false]);
         assert_eq!((g.in_flight(), g.queued()), (3, 0));
     }
+
+    fn noop() -> Waker {
+        Waker::noop().clone()
+    }
+
+    fn slot(admission: Admission) -> Slot {
+        match admission {
+            Admission::Slot(slot) => slot,
+            _ => panic!("expected a slot"),
+        }
+    }
+
+    fn place(admission: Admission) -> Place {
+        match admission {
+            Admission::Queued(place) => place,
+            _ => panic!("expected a place"),
+        }
+    }
+
+    #[test]
+    fn lines_take_turns_and_keep_their_order() {
+        let mut lines = Lines::default();
+        let waiter = || Arc::new(Waiter::new());
+        // a queues a burst first, then b and c.
+        for ticket in 0..4 {
+            lines.push(1, ticket, waiter());
+        }
+        lines.push(2, 10, waiter());
+        lines.push(3, 20, waiter());
+        lines.push(2, 11, waiter());
+        assert_eq!(lines.len(), 7);
+        let order: Vec<u64> = std::iter::from_fn(|| {
+            let line = *lines.turns.front()?;
+            let ticket = *lines.lines.get(&line)?.keys().next()?;
+            lines.pop_next().map(|_| ticket)
+        })
+        .collect();
+        assert_eq!(order, [0, 10, 20, 1, 11, 2, 3]);
+        assert!(lines.lines.is_empty() && lines.turns.is_empty());
+    }
+
+    #[test]
+    fn leaving_an_emptied_line_takes_it_out_of_the_turns() {
+        let mut lines = Lines::default();
+        lines.push(1, 0, Arc::new(Waiter::new()));
+        lines.push(2, 1, Arc::new(Waiter::new()));
+        assert!(lines.remove(1, 0));
+        assert!(!lines.remove(1, 0), "already gone");
+        assert_eq!((lines.len(), lines.turns.len()), (1, 1));
+        assert!(lines.pop_next().is_some());
+        assert!(lines.pop_next().is_none());
+    }
+
+    #[test]
+    fn a_lent_slot_goes_to_the_next_ticket_and_comes_back_first_in_its_line() {
+        let g = Arc::new(Gate::new(1, 3, true));
+        let waiting = slot(Gate::admit(&g, 7));
+        let mut next = place(Gate::admit(&g, 8));
+        // The request on line 7 waits for a token: its slot goes to line 8.
+        let lent = waiting.lend(7, &noop()).expect("a place is free");
+        assert!(next.poll_granted(&mut cx()).is_ready());
+        let running = next.into_slot();
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (1, 0, 1));
+        // A later arrival on line 7, then the lender takes its slot back:
+        // it queues ahead of the later arrival, with its first ticket.
+        let mut later = place(Gate::admit(&g, 7));
+        let Err(mut back) = lent.reclaim() else {
+            panic!("the only slot is busy");
+        };
+        assert_eq!((g.queued(), g.lent()), (2, 0));
+        drop(running);
+        assert!(back.poll_granted(&mut cx()).is_ready());
+        assert!(later.poll_granted(&mut cx()).is_pending());
+        drop(back.into_slot());
+        assert!(later.poll_granted(&mut cx()).is_ready());
+        drop(later);
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (0, 0, 0));
+    }
+
+    #[test]
+    fn lent_slots_take_waiting_places_and_a_full_queue_keeps_the_slot() {
+        let g = Arc::new(Gate::new(2, 1, true));
+        let first = slot(Gate::admit(&g, 1));
+        let second = slot(Gate::admit(&g, 1));
+        let lent = first.lend(1, &noop()).expect("the one place is free");
+        assert_eq!((g.in_flight(), g.lent()), (1, 1));
+        // No place left for a second lender: it keeps its slot.
+        let flag = std::sync::Arc::new(Flag::default());
+        let waker = Waker::from(std::sync::Arc::clone(&flag));
+        let Err(second) = second.lend(1, &waker) else {
+            panic!("no waiting place is free");
+        };
+        // A newcomer takes the free slot; the next has nowhere to wait.
+        let third = slot(Gate::admit(&g, 2));
+        assert!(matches!(Gate::admit(&g, 2), Admission::Full));
+        // The lender's token is near: the slots are busy, so it queues,
+        // and the request that kept its slot is woken to lend it now.
+        let Err(mut back) = lent.reclaim() else {
+            panic!("both slots are busy");
+        };
+        assert!(flag.0.load(Ordering::SeqCst), "the keeper was woken");
+        let lent_now = second.lend(1, &noop()).expect("a swap with the queued");
+        assert!(back.poll_granted(&mut cx()).is_ready());
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (2, 0, 1));
+        drop((back.into_slot(), third, lent_now));
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (0, 0, 0));
+    }
+
+    #[test]
+    fn one_line_gates_ignore_lines() {
+        let g = gate(1, 4);
+        let running = slot(Gate::admit(&g, 0));
+        let mut first = place(Gate::admit(&g, 1));
+        let mut second = place(Gate::admit(&g, 2));
+        let mut third = place(Gate::admit(&g, 1));
+        drop(running);
+        assert!(first.poll_granted(&mut cx()).is_ready());
+        drop(first.into_slot());
+        assert!(second.poll_granted(&mut cx()).is_ready());
+        assert!(third.poll_granted(&mut cx()).is_pending());
+    }
+
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// loom models of the gate's core: every interleaving of admission,
-/// release, cancellation and re-sizing, checked for lost wake-ups (a
-/// waiter loom finds blocked forever) and for slots leaked or counted
-/// twice (the counts at the end). Run by CI, with the command in
+/// release, cancellation, re-sizing, lending and taking back, checked for
+/// lost wake-ups (a waiter loom finds blocked forever) and for slots or
+/// places leaked or counted twice (the counts at the end). Run by CI, with the command in
 /// `src/sync.rs` (three preemptions a run, as tokio bounds its models:
 /// unbounded, three threads take minutes). Each model fails if the
 /// grant's wake-up or a dropped ticket's hand-over is removed.
@@ -618,7 +748,14 @@ mod loom_models {
     use super::*;
 
     fn settled(gate: &Gate) -> (usize, usize) {
+        assert_eq!(gate.lent(), 0, "a lent slot was not given up");
         (gate.in_flight(), gate.queued())
+    }
+
+    /// Waits for `place`'s slot and holds it.
+    fn seated(mut place: Place) -> Slot {
+        block_on(poll_fn(|cx| place.poll_granted(cx)));
+        place.into_slot()
     }
 
     /// Waits for `place`'s slot and gives it back.
@@ -682,6 +819,94 @@ mod loom_models {
             wait_then_run(first);
             raising.join().unwrap();
             leaving.join().unwrap();
+            assert_eq!(settled(&gate), (0, 0));
+        });
+    }
+
+    #[test]
+    fn loom_a_lender_takes_its_slot_back_from_the_request_it_lent_it_to() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new(1, 2, true));
+            let Admission::Slot(waiting) = Gate::admit(&gate, 1) else {
+                panic!("the first request runs");
+            };
+            let Admission::Queued(ready) = Gate::admit(&gate, 2) else {
+                panic!("the second waits");
+            };
+            let noop = std::task::Waker::noop().clone();
+            let Ok(lent) = waiting.lend(1, &noop) else {
+                panic!("a place is free");
+            };
+            // The borrower runs while the lender's token comes.
+            let borrower = thread::spawn(move || drop(seated(ready)));
+            match lent.reclaim() {
+                Ok(slot) => drop(slot),
+                Err(place) => drop(seated(place)),
+            }
+            borrower.join().unwrap();
+            assert_eq!(settled(&gate), (0, 0));
+        });
+    }
+
+    #[test]
+    fn loom_a_kept_slot_is_lent_when_a_lender_comes_back_for_one() {
+        loom::model(|| {
+            // One waiting place: the first lender takes it, so the second
+            // request must keep its slot until the first comes back.
+            let gate = Arc::new(Gate::new(1, 1, true));
+            let Admission::Slot(first) = Gate::admit(&gate, 1) else {
+                panic!("the first request runs");
+            };
+            let noop = std::task::Waker::noop().clone();
+            let Ok(lent) = first.lend(1, &noop) else {
+                panic!("the place is free");
+            };
+            let Admission::Slot(second) = Gate::admit(&gate, 1) else {
+                panic!("the lent slot is free");
+            };
+            let keeper = thread::spawn(move || {
+                // As the rate limiter does: try to lend on every poll.
+                let mut kept = Some(second);
+                let lent = block_on(poll_fn(|cx| {
+                    match kept.take().expect("polled until lent").lend(1, cx.waker()) {
+                        Ok(lent) => Poll::Ready(lent),
+                        Err(slot) => {
+                            kept = Some(slot);
+                            Poll::Pending
+                        }
+                    }
+                }));
+                drop(lent);
+            });
+            match lent.reclaim() {
+                Ok(slot) => drop(slot),
+                Err(place) => drop(seated(place)),
+            }
+            keeper.join().unwrap();
+            assert_eq!(settled(&gate), (0, 0));
+        });
+    }
+
+    #[test]
+    fn loom_a_lender_dropped_while_others_come_and_go() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new(1, 2, true));
+            let Admission::Slot(first) = Gate::admit(&gate, 1) else {
+                panic!("the first request runs");
+            };
+            let noop = std::task::Waker::noop().clone();
+            let Ok(lent) = first.lend(1, &noop) else {
+                panic!("a place is free");
+            };
+            let other = Arc::clone(&gate);
+            let newcomer = thread::spawn(move || match Gate::admit(&other, 2) {
+                Admission::Slot(slot) => drop(slot),
+                Admission::Queued(place) => drop(seated(place)),
+                _ => panic!("refused with a place free"),
+            });
+            // The lender's request is cancelled while it waits.
+            drop(lent);
+            newcomer.join().unwrap();
             assert_eq!(settled(&gate), (0, 0));
         });
     }
