@@ -15,9 +15,11 @@
 //!   [`ConnectionKey`]); a 429 or 503 with `Retry-After` pauses that whole
 //!   connection, not just the one request; bounded memory for any number of
 //!   keys.
-//! - [`concurrency`]: at most `parallelism` requests in flight, a FIFO
-//!   queue of `10 + parallelism` more, and an immediate, typed refusal
-//!   beyond ([`ConcurrencyGateLayer`]).
+//! - [`concurrency`]: at most `parallelism` requests working on servers,
+//!   `10 + parallelism` more waiting (first come first served, in turn
+//!   between connections), and an immediate, typed refusal beyond
+//!   ([`ConcurrencyGateLayer`]); a request waiting for its connection's
+//!   token lends its slot to one that can go.
 //! - `redis` (feature `redis`): each connection's bucket, cool-down and
 //!   learned pace shared by a fleet of processes through Redis, so N
 //!   workers hold a connection to one quota.

@@ -568,3 +568,94 @@ async fn a_slot_lent_by_an_attempt_that_timed_out_is_taken_back_before_the_retry
     })
     .await;
 }
+
+/// Gives each attempt on connection `a` `limit`, looking at the clock
+/// before the attempt (as a `select!` biased to its timer does): an attempt
+/// due at the instant its time runs out is dropped unpolled.
+#[derive(Clone)]
+struct BiasedTimeout<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S> Service<Request<()>> for BiasedTimeout<S>
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<()>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let limit = match request.uri().host() {
+            Some("a") => self.limit,
+            _ => Duration::MAX / 4,
+        };
+        let attempt = self.inner.call(request);
+        let deadline = sleep(limit);
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                () = deadline => Err("attempt timed out".into()),
+                result = attempt => result,
+            }
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_at_once_after_a_lent_attempt_is_dropped_still_waits_for_a_slot() {
+    watchdog(secs(600), async {
+        use tollgate::rate_limit::ByConnection;
+        use tollgate::{ConcurrencyGateLayer, RateLimitLayer, RetryLayer};
+        use tower::{Layer, ServiceBuilder};
+
+        // One slot, 1 request a second per connection. a's second request
+        // waits for a's next token (at 1 s) with its slot lent, and b's
+        // request takes the slot for 10 s. At 1 s the attempt's time runs
+        // out just as its token comes: the attempt is dropped with the slot
+        // lent, and the retry (no delay) is polled in the same poll, finds
+        // the token there, and must still wait for a slot, not go beside
+        // b's request.
+        let server = Server {
+            latency_b: Some(secs(10)),
+            ..Server::new(LATENCY)
+        };
+        let rate_limit = RateLimitLayer::per_connection(Quota::per_second(1).burst(1));
+        let client = ServiceBuilder::new()
+            .layer(ConcurrencyGateLayer::new(1).share_by(ByConnection))
+            .layer(RetryLayer::new(
+                Backoff::fixed(Duration::ZERO).max_retries(1),
+            ))
+            .service(BiasedTimeout {
+                inner: rate_limit.layer(server.clone()),
+                limit: Duration::from_millis(980),
+            });
+        let gate = client.handle();
+        assert_eq!(
+            client.clone().oneshot(get("a")).await.unwrap().status(),
+            200
+        );
+        sleep(LATENCY).await;
+        // 20 ms: a's next token is at 1 s.
+        let second = tokio::spawn(client.clone().oneshot(get("a")));
+        sleep(LATENCY).await;
+        assert_eq!((gate.in_flight(), gate.lent()), (0, 1));
+        let b = tokio::spawn(client.clone().oneshot(get("b")));
+        sleep(secs(2)).await;
+        assert_eq!(gate.in_flight(), 1);
+        assert_eq!(b.await.unwrap().unwrap().status(), 200);
+        // The retry waited for the slot b's request held, and its time ran
+        // out too: it never went beside b's.
+        assert!(second.await.unwrap().is_err());
+        assert!(server.most() <= 1, "{} at once", server.most());
+        assert_eq!(server.arrivals("a").len(), 1);
+        assert_eq!((gate.in_flight(), gate.queued(), gate.lent()), (0, 0, 0));
+    })
+    .await;
+}

@@ -34,6 +34,9 @@ pin_project! {
         #[pin]
         timeout: Option<Sleep>,
         gate: Arc<Gate>,
+        // Whether the seat is put out for the rate limiter inside (from the
+        // poll after it asked for it).
+        lending: bool,
     }
 }
 
@@ -89,6 +92,7 @@ where
             seat,
             timeout,
             gate: Arc::clone(gate),
+            lending: false,
         }
     }
 }
@@ -149,7 +153,18 @@ where
                             ready!(loan.poll_seated(cx));
                         }
                     }
-                    let polled = seat::polling_with(this.seat, || future.as_mut().poll(cx));
+                    let polled = if *this.lending {
+                        seat::polling_with(this.seat, || future.as_mut().poll(cx))
+                    } else {
+                        let (polled, wanted) = seat::polling(|| future.as_mut().poll(cx));
+                        if polled.is_pending() && wanted {
+                            // A rate limiter inside waits for a token: put
+                            // the seat out for it, and poll again at once.
+                            *this.lending = true;
+                            continue;
+                        }
+                        polled
+                    };
                     if let Poll::Ready(result) = polled {
                         // The slot goes back as soon as the response is here.
                         *this.seat = None;

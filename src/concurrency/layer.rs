@@ -8,8 +8,10 @@ use super::ConcurrencyGate;
 use crate::sync::Arc;
 
 /// Applies [`ConcurrencyGate`]: at most `parallelism` requests in flight, a
-/// FIFO queue of `queue_limit` more (default `10 + parallelism`), and an
-/// immediate [`Error::QueueFull`](crate::Error::QueueFull) beyond.
+/// queue of `queue_limit` more (default `10 + parallelism`; first come
+/// first served, or in turn between connections with
+/// [`share_by`](ConcurrencyGateLayer::share_by)), and an immediate
+/// [`Error::QueueFull`](crate::Error::QueueFull) beyond.
 ///
 /// ```
 /// use std::time::Duration;

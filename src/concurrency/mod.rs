@@ -1,5 +1,5 @@
-//! The concurrency gate: `parallelism` in flight, a bounded FIFO queue,
-//! an immediate refusal beyond.
+//! The concurrency gate: `parallelism` in flight, a bounded queue, an
+//! immediate refusal beyond.
 //!
 //! Power Automate's "degree of parallelism" runs at most `p` at once and
 //! queues up to **10 + p** waiting runs; beyond that new work is refused,
@@ -9,7 +9,8 @@
 //!
 //! - the first `parallelism` callers run;
 //! - the next `queue_limit` (default `10 + parallelism`) wait, and are
-//!   admitted in strict arrival order as slots free up;
+//!   admitted in arrival order as slots free up (in turn between
+//!   connections with [`share_by`](ConcurrencyGateLayer::share_by));
 //! - the next caller's future fails with [`Error::QueueFull`](crate::Error::QueueFull)
 //!   on its first poll, without waiting;
 //! - with [`queue_timeout`](ConcurrencyGateLayer::queue_timeout), a waiter

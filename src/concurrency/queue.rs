@@ -13,7 +13,6 @@
 //! with the request's first ticket, so within its line it is ahead of
 //! every request that arrived after it.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
@@ -232,19 +231,24 @@ impl Gate {
     /// otherwise to the pool.
     fn release(&self, ticket: u64) {
         let mut state = self.lock();
-        if !state.stuck.is_empty() {
-            state.stuck.remove(&ticket);
-        }
+        let forgotten = if state.stuck.is_empty() {
+            None
+        } else {
+            state.stuck.remove(&ticket)
+        };
         // `in_flight` still counts the slot being released.
         if state.in_flight <= state.parallelism {
             if let Some(waiter) = state.lines.pop_next() {
                 // The slot passes to that ticket: in_flight is unchanged.
                 drop(state);
                 waiter.grant();
+                drop(forgotten);
                 return;
             }
         }
         state.in_flight -= 1;
+        drop(state);
+        drop(forgotten);
     }
 
     /// Lends slot `ticket` back while its request waits for a token: to
@@ -257,30 +261,32 @@ impl Gate {
     /// each other forever.)
     fn lend(&self, ticket: u64, waker: &Waker) -> bool {
         let mut state = self.lock();
-        if let Some(waiter) = state.lines.pop_next() {
-            // A swap: in_flight and the waiting count are unchanged.
-            state.lent += 1;
-            state.stuck.remove(&ticket);
-            drop(state);
-            waiter.grant();
-            return true;
-        }
-        if state.lines.len() + state.lent < self.queue_limit {
+        let place_free = state.lines.len() + state.lent < self.queue_limit;
+        let mut handed = None;
+        if state.in_flight > state.parallelism && place_free {
+            // Parallelism was lowered: the slot is not handed on.
             state.in_flight -= 1;
-            state.lent += 1;
-            state.stuck.remove(&ticket);
-            return true;
+        } else if let Some(waiter) = state.lines.pop_next() {
+            // A swap: in_flight and the waiting count are unchanged.
+            handed = Some(waiter);
+        } else if place_free {
+            state.in_flight -= 1;
+        } else {
+            let kept = state.stuck.insert(ticket, waker.clone());
+            drop(state);
+            // (Dropped after the lock: dropping a waker may run the
+            // executor's code.)
+            drop(kept);
+            return false;
         }
-        match state.stuck.entry(ticket) {
-            Entry::Occupied(mut kept) if !kept.get().will_wake(waker) => {
-                kept.insert(waker.clone());
-            }
-            Entry::Occupied(_) => {}
-            Entry::Vacant(place) => {
-                place.insert(waker.clone());
-            }
+        state.lent += 1;
+        let forgotten = state.stuck.remove(&ticket);
+        drop(state);
+        if let Some(waiter) = handed {
+            waiter.grant();
         }
-        false
+        drop(forgotten);
+        true
     }
 
     /// Puts a ticket in its line and takes the wakers of the slots kept
@@ -705,6 +711,19 @@ mod tests {
         assert_eq!((g.in_flight(), g.queued(), g.lent()), (2, 0, 1));
         drop((back.into_slot(), third, lent_now));
         assert_eq!((g.in_flight(), g.queued(), g.lent()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_slot_lent_after_parallelism_was_lowered_is_not_handed_on() {
+        let g = Arc::new(Gate::new(2, 5, true));
+        let first = slot(Gate::admit(&g, 1));
+        let _second = slot(Gate::admit(&g, 1));
+        let mut waiting = place(Gate::admit(&g, 2));
+        g.set_parallelism(1);
+        // Two run where one may: the lent slot goes to the pool.
+        let _lent = first.lend(1, &noop()).expect("a place is free");
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (1, 1, 1));
+        assert!(waiting.poll_granted(&mut cx()).is_pending());
     }
 
     #[test]

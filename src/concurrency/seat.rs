@@ -37,33 +37,114 @@ pub(super) enum Seat {
 }
 
 thread_local! {
-    // The seat of the request whose gate future is polling its inner
-    // future on this thread, if any.
-    static CURRENT: Cell<Option<Seat>> = const { Cell::new(None) };
+    // The seat put out by the gate future polling its inner future on
+    // this thread, tagged with that gate's depth (below).
+    static CURRENT: Cell<Option<(u32, Seat)>> = const { Cell::new(None) };
+    // How many gate futures are polling inside one another on this
+    // thread: a rate limiter lends only the innermost gate's seat.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    // Set by a rate limiter that wanted to lend a slot and found no seat:
+    // the gate future polling it then puts its seat out from the next poll
+    // on. (Putting it out on every poll would cost every request; asking
+    // costs only those that wait.)
+    static WANTED: Cell<bool> = const { Cell::new(false) };
+    // Set when a rate limiter's future is dropped with its slot lent: the
+    // next one polled here adopts the loan before it sends (see
+    // `SeatLoan::adopt_orphan`).
+    static ORPHANED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `poll` with `seat` as this thread's current seat, and takes it
-/// back afterwards, also if `poll` panics. Nested gates each see their
-/// own: the outer seat is put back when the inner poll ends.
+/// Counts a gate future polling inside for as long as it lives.
+struct Deeper(u32);
+
+impl Deeper {
+    #[inline]
+    fn enter() -> Option<Deeper> {
+        DEPTH
+            .try_with(|depth| {
+                let inner = depth.get().wrapping_add(1);
+                depth.set(inner);
+                Deeper(inner)
+            })
+            .ok()
+    }
+}
+
+impl Drop for Deeper {
+    #[inline]
+    fn drop(&mut self) {
+        let _ = DEPTH.try_with(|depth| depth.set(self.0.wrapping_sub(1)));
+    }
+}
+
+/// Runs `poll` without putting a seat out; returns whether something
+/// polled inside asked for one (and clears the request). Seats put out by
+/// gates further out are hidden from it.
+#[inline]
+pub(super) fn polling<R>(poll: impl FnOnce() -> R) -> (R, bool) {
+    let deeper = Deeper::enter();
+    let polled = poll();
+    drop(deeper);
+    let wanted = WANTED
+        .try_with(|wanted| wanted.replace(false))
+        .unwrap_or(false);
+    (polled, wanted)
+}
+
+/// Runs `poll` with `seat` put out for the rate limiter inside, and takes
+/// it back afterwards, also if `poll` panics. Nested gates each put out
+/// their own: the outer one's is put back when the inner poll ends.
+#[inline]
 pub(super) fn polling_with<R>(seat: &mut Option<Seat>, poll: impl FnOnce() -> R) -> R {
     struct Restore<'a> {
         seat: &'a mut Option<Seat>,
-        outer: Option<Seat>,
+        outer: Option<(u32, Seat)>,
+        _deeper: Deeper,
     }
     impl Drop for Restore<'_> {
+        #[inline]
         fn drop(&mut self) {
             let outer = self.outer.take();
-            if let Ok(seat) = CURRENT.try_with(|current| current.replace(outer)) {
-                *self.seat = seat;
+            if let Ok(ours) = CURRENT.try_with(|current| current.replace(outer)) {
+                *self.seat = ours.map(|(_, seat)| seat);
             }
         }
     }
-    let Ok(outer) = CURRENT.try_with(|current| current.replace(seat.take())) else {
+    let Some(deeper) = Deeper::enter() else {
         // Thread-locals are being torn down: poll without lending.
         return poll();
     };
-    let _restore = Restore { seat, outer };
+    let ours = seat.take().map(|seat| (deeper.0, seat));
+    let Ok(outer) = CURRENT.try_with(|current| current.replace(ours)) else {
+        return poll();
+    };
+    let _restore = Restore {
+        seat,
+        outer,
+        _deeper: deeper,
+    };
     poll()
+}
+
+/// Runs `f` on this thread's current seat if it is the innermost gate's,
+/// and puts back the seat `f` returns; `None` if there is none.
+fn with_current_seat<R>(f: impl FnOnce(Seat) -> (Seat, R)) -> Option<R> {
+    let depth = DEPTH.try_with(Cell::get).ok()?;
+    CURRENT
+        .try_with(|current| match current.take() {
+            Some((at, seat)) if at == depth => {
+                let (seat, result) = f(seat);
+                current.set(Some((at, seat)));
+                Some(result)
+            }
+            // An outer gate's seat, or none.
+            other => {
+                current.set(other);
+                None
+            }
+        })
+        .ok()
+        .flatten()
 }
 
 /// A lent slot, shared by the gate future and the rate limiter's future
@@ -139,7 +220,10 @@ impl Loan {
     /// Whether the gate future must take the slot back before it polls
     /// further in: lent, and nobody left to take it back.
     pub(super) fn orphaned(&self) -> bool {
-        !self.lender.load(Ordering::Acquire) && !matches!(*self.away(), Away::Seated(_))
+        // (`Moving` only after a panic mid-transition: not taken back, so
+        // that the gate future does not spin on it.)
+        !self.lender.load(Ordering::Acquire)
+            && !matches!(*self.away(), Away::Seated(_) | Away::Moving)
     }
 }
 
@@ -160,36 +244,54 @@ impl SeatLoan {
     /// request keeps its slot for now; [`lend`](SeatLoan::lend) again on
     /// each poll while it waits (the gate wakes it when lending can work).
     pub(crate) fn lend_seat(line: u64, cx: &Context<'_>) -> Option<SeatLoan> {
-        CURRENT
-            .try_with(|current| {
-                let (seat, loan) = match current.take() {
-                    None => (None, None),
-                    Some(Seat::Seated(slot)) => {
-                        let loan = Arc::new(Loan {
-                            away: Mutex::new(Away::Seated(slot)),
-                            line,
-                            lender: AtomicBool::new(true),
-                        });
-                        (Some(Seat::Loaned(Arc::clone(&loan))), Some(loan))
-                    }
-                    Some(Seat::Loaned(loan)) => {
-                        // A loan whose lender is gone (its attempt was
-                        // dropped within this poll): this one adopts it.
-                        let adopted = loan
-                            .lender
-                            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                            .is_ok();
-                        let held = adopted.then(|| Arc::clone(&loan));
-                        (Some(Seat::Loaned(loan)), held)
-                    }
-                };
-                current.set(seat);
-                let loan = loan.map(|loan| SeatLoan { loan })?;
-                loan.lend(cx);
-                Some(loan)
-            })
-            .ok()
-            .flatten()
+        let loan = with_current_seat(|seat| match seat {
+            Seat::Seated(slot) => {
+                let loan = Arc::new(Loan {
+                    away: Mutex::new(Away::Seated(slot)),
+                    line,
+                    lender: AtomicBool::new(true),
+                });
+                (Seat::Loaned(Arc::clone(&loan)), Some(loan))
+            }
+            Seat::Loaned(loan) => {
+                let held = adopt(&loan);
+                (Seat::Loaned(loan), held)
+            }
+        })
+        .flatten();
+        let Some(loan) = loan else {
+            // The gate future polling this (if any) has not put its seat
+            // out: ask it to, for the next poll.
+            let _ = WANTED.try_with(|wanted| wanted.set(true));
+            return None;
+        };
+        let loan = SeatLoan { loan };
+        loan.lend(cx);
+        Some(loan)
+    }
+
+    /// The loan of a rate limiter future dropped with its request's slot
+    /// lent, if it was this request's: the request must be seated again
+    /// before it is sent (a retry after an attempt timeout can come within
+    /// the same poll, before the gate future could take the slot back).
+    /// One read of a thread-local when there is none.
+    #[inline]
+    pub(crate) fn adopt_orphan() -> Option<SeatLoan> {
+        if !ORPHANED
+            .try_with(|orphaned| orphaned.replace(false))
+            .unwrap_or(false)
+        {
+            return None;
+        }
+        with_current_seat(|seat| {
+            let held = match &seat {
+                Seat::Loaned(loan) => adopt(loan),
+                Seat::Seated(_) => None,
+            };
+            (seat, held)
+        })
+        .flatten()
+        .map(|loan| SeatLoan { loan })
     }
 
     /// Lends the slot if the request holds it (after
@@ -207,8 +309,19 @@ impl SeatLoan {
     }
 }
 
+/// The loan, if its lender is gone (this one takes its place).
+fn adopt(loan: &Arc<Loan>) -> Option<Arc<Loan>> {
+    loan.lender
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+        .then(|| Arc::clone(loan))
+}
+
 impl Drop for SeatLoan {
     fn drop(&mut self) {
         self.loan.lender.store(false, Ordering::Release);
+        if self.loan.orphaned() {
+            let _ = ORPHANED.try_with(|orphaned| orphaned.set(true));
+        }
     }
 }

@@ -11,9 +11,11 @@ use super::queue::{Admission, Gate};
 use crate::sync::Arc;
 use crate::Error;
 
-/// At most `parallelism` requests in flight, a bounded FIFO queue, and an
+/// At most `parallelism` requests in flight, a bounded queue, and an
 /// immediate refusal beyond. Made by
-/// [`ConcurrencyGateLayer`](crate::ConcurrencyGateLayer).
+/// [`ConcurrencyGateLayer`](crate::ConcurrencyGateLayer); what a slot
+/// means, and how waiting requests take turns, is in the
+/// [module docs](super).
 ///
 /// Clones share one gate: it bounds the whole client, not one clone.
 ///
@@ -21,7 +23,7 @@ use crate::Error;
 ///
 /// `poll_ready` is always ready and reserves nothing; `call` decides at once,
 /// under the gate's lock: a free slot (the request runs), a place in the
-/// queue (it waits, in arrival order), or the queue is full (its future
+/// queue (it waits its turn), or the queue is full (its future
 /// fails with [`Error::QueueFull`] on first poll, without waiting). So
 ///
 /// - a caller waiting in the queue waits in its *response future*, never in

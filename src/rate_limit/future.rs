@@ -182,6 +182,9 @@ where
             // Nobody is ahead of this request: take back the slot it lent
             // (if it did), then try the bucket.
             if decided.is_none() {
+                if this.loan.is_none() {
+                    *this.loan = SeatLoan::adopt_orphan();
+                }
                 if let Some(loan) = this.loan {
                     ready!(loan.poll_seated(cx));
                 }
@@ -204,8 +207,11 @@ where
             };
             match decision {
                 Decision::Admitted { fleet_at } => {
-                    // Leaving the line wakes the next request in it.
+                    // Leaving the line wakes the next request in it. The
+                    // loan goes too: the gate future, holding the slot, gives
+                    // it back when the response is here.
                     *this.ticket = None;
+                    *this.loan = None;
                     *this.sent_at = now;
                     *this.fleet_at = into_fleet_at(fleet_at);
                     this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
