@@ -1,8 +1,10 @@
 //! Slots go to requests that can make progress, in turn between
 //! connections: a request waiting for its connection's token (paused by a
 //! 429, or out of tokens) lends its gate slot to a ready request of
-//! another connection. Virtual time throughout, except the last test (a
-//! 2-thread runtime for the cancellation races).
+//! another connection. Virtual time throughout: lending waits on tokio
+//! timers. The gate's races on a 2-thread runtime are
+//! `tests/concurrency.rs`'s; lending's interleavings, the loom models in
+//! `src/concurrency/queue.rs`.
 
 mod common;
 

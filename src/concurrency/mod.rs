@@ -56,7 +56,11 @@
 //!   wait, as before.
 //! - If the rate limiter's future is dropped while its slot is lent (an
 //!   attempt timed out), the gate's future takes a slot back before it lets
-//!   the request go on, so a retry never sleeps without one.
+//!   the request go on, so a retry does not sleep without one, and a retry
+//!   sent at once waits for a slot before it goes (`tests/fairness.rs`).
+//! - One attempt of a request at a time: a layer between the gate and the
+//!   rate limiter that hedges (two attempts at once) shares one slot
+//!   between them.
 //!
 //! # Fair between connections: round-robin
 //!

@@ -2,11 +2,16 @@
 //! gives its slot to a request that can go, and takes one back in turn.
 //!
 //! The gate's response future owns its request's [`Seat`]. While it polls
-//! the inner service's future it puts the seat where code further in, on
-//! the same thread, can find it: a thread-local, the way `tracing` finds
-//! the current span. The rate limiter's future, about to wait for a token,
-//! lends the slot ([`SeatLoan::lend`]); before it sends, it waits to be
-//! seated again ([`SeatLoan::poll_seated`]). So the gate knows nothing of
+//! the inner service's future it can put the seat where code further in, on
+//! the same thread, finds it: a thread-local, the way `tracing` finds the
+//! current span. It does so only once something inside asked (a flag the
+//! rate limiter sets when it must wait and finds no seat; the gate then
+//! polls again at once with the seat out), so requests that never wait pay
+//! for no more than that flag. The rate limiter's future, waiting for a
+//! token, lends the slot ([`SeatLoan::lend_seat`]); before it sends, it
+//! waits to be seated again ([`SeatLoan::poll_seated`]). Seats are tagged
+//! with their gate's nesting depth: with gates inside gates, a rate limiter
+//! lends only the innermost one's slot. So the gate knows nothing of
 //! tokens, the rate limiter nothing of slots, and a request holds a slot
 //! only while it is being sent, answered, or sleeping between its own
 //! retries.
@@ -19,8 +24,15 @@
 //! If the rate limiter's future is dropped while the slot is lent (an
 //! attempt timed out, a retry gave up on it), the loan has no lender: the
 //! gate's future takes the slot back itself before it polls further in,
-//! so a request never goes on (to sleep before a retry, or to a next
-//! attempt) without a slot.
+//! so a request does not sleep before a retry without a slot; and a next
+//! attempt polled within the same poll adopts the loan
+//! ([`SeatLoan::adopt_orphan`]) and is seated before it is sent.
+//!
+//! One request, one rate limiter future at a time: a layer between the gate
+//! and the rate limiter that runs two attempts of a request at once
+//! (hedging) shares one slot between them, and one that polls other
+//! requests' futures inside this request's poll (coalescing) could lend
+//! this request's slot for them. Neither is supported.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,9 +250,10 @@ pub(crate) struct SeatLoan {
 impl SeatLoan {
     /// Lends the slot of the request being polled on this thread, which
     /// waits for a token on `line` (the gate's line of its connection:
-    /// [`line_of`](super::line_of) its key). `None` if no gate admitted the
-    /// request here, or another future of the request holds its loan: the
-    /// request then keeps its slot. If no waiting place is free, the
+    /// [`line_of`](super::line_of) its key). `None` if no gate put a seat
+    /// out here (it is asked to, for the next poll), or another future of
+    /// the same request holds the loan (see the module docs). If no waiting
+    /// place is free, the
     /// request keeps its slot for now; [`lend`](SeatLoan::lend) again on
     /// each poll while it waits (the gate wakes it when lending can work).
     pub(crate) fn lend_seat(line: u64, cx: &Context<'_>) -> Option<SeatLoan> {
