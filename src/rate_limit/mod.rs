@@ -122,6 +122,8 @@ mod key;
 mod keyed;
 mod layer;
 pub(crate) mod pace;
+/// Reading the rate limits a server publishes in its response headers.
+pub mod published;
 mod quota;
 mod service;
 mod waitlist;
