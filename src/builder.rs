@@ -64,6 +64,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `queue_timeout` | none | the queue is bounded, so is the wait |
 /// | `per_connection` | [`Quota::unlimited`] | no limit of its own: a 429 pauses the connection and teaches it a pace (set the API's documented quota if there is one: see below) |
 /// | `learn_rate` | on | a cool-down alone lets a rounding token-bucket server run at 0.10 of its capacity; learning, 0.99 |
+/// | `learn_from_headers` | on | a server that says no requests remain (`RateLimit`, `X-RateLimit-Remaining: 0`, ...) would answer the next request 429: hold the connection until its stated reset instead |
 /// | `retry` | [`Backoff::power_automate`] | the Logic Apps / Power Automate default policy |
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
@@ -86,6 +87,7 @@ pub struct TollgateBuilder<F = ByConnection> {
     max_retry_after: Duration,
     deadline: Option<Duration>,
     learn_rate: bool,
+    learn_from_headers: bool,
     #[cfg(feature = "redis")]
     store: Option<crate::redis::RedisStore>,
 }
@@ -124,6 +126,7 @@ impl TollgateBuilder {
             max_retry_after: RetryLayer::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
             learn_rate: true,
+            learn_from_headers: true,
             #[cfg(feature = "redis")]
             store: None,
         }
@@ -177,6 +180,7 @@ impl<F> TollgateBuilder<F> {
             max_retry_after: self.max_retry_after,
             deadline: self.deadline,
             learn_rate: self.learn_rate,
+            learn_from_headers: self.learn_from_headers,
             #[cfg(feature = "redis")]
             store: self.store,
         }
@@ -212,6 +216,13 @@ impl<F> TollgateBuilder<F> {
     /// [`RateLimitLayer::learn_rate`]).
     pub fn learn_rate(mut self, learn: bool) -> Self {
         self.learn_rate = learn;
+        self
+    }
+
+    /// Whether the limits a server publishes in its headers hold its
+    /// connection (see [`RateLimitLayer::learn_from_headers`]).
+    pub fn learn_from_headers(mut self, learn: bool) -> Self {
+        self.learn_from_headers = learn;
         self
     }
 
@@ -259,7 +270,8 @@ impl<F> TollgateBuilder<F> {
         let rate_limit = RateLimitLayer::per_connection(self.quota)
             .max_keys(self.max_keys)
             .max_cool_down(self.max_retry_after)
-            .learn_rate(self.learn_rate);
+            .learn_rate(self.learn_rate)
+            .learn_from_headers(self.learn_from_headers);
         #[cfg(feature = "redis")]
         let rate_limit = match self.store {
             Some(store) => rate_limit.store(store),
@@ -297,7 +309,8 @@ impl<F> std::fmt::Debug for TollgateBuilder<F> {
             .field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
-            .field("learn_rate", &self.learn_rate);
+            .field("learn_rate", &self.learn_rate)
+            .field("learn_from_headers", &self.learn_from_headers);
         #[cfg(feature = "redis")]
         f.field("store", &self.store);
         f.finish()

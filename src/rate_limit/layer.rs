@@ -29,6 +29,7 @@ pub struct RateLimitLayer<F = ByConnection> {
     max_keys: usize,
     max_cool_down: Duration,
     learn_rate: bool,
+    learn_from_headers: bool,
     #[cfg(feature = "redis")]
     store: Option<crate::redis::RedisStore>,
 }
@@ -60,6 +61,7 @@ impl RateLimitLayer {
             max_keys: Self::DEFAULT_MAX_KEYS,
             max_cool_down: Self::DEFAULT_MAX_COOL_DOWN,
             learn_rate: true,
+            learn_from_headers: true,
             #[cfg(feature = "redis")]
             store: None,
         }
@@ -77,6 +79,7 @@ impl<F> RateLimitLayer<F> {
             max_keys: self.max_keys,
             max_cool_down: self.max_cool_down,
             learn_rate: self.learn_rate,
+            learn_from_headers: self.learn_from_headers,
             #[cfg(feature = "redis")]
             store: self.store,
         }
@@ -124,6 +127,20 @@ impl<F> RateLimitLayer<F> {
         self
     }
 
+    /// Whether the limits a server publishes in its response headers hold
+    /// its connection (default: yes). A response saying that no requests
+    /// remain (`RateLimit: r=0`, `X-RateLimit-Remaining: 0`, and the other
+    /// forms [`published`](crate::rate_limit::published) reads) pauses the
+    /// connection until the reset it states, at most
+    /// [`max_cool_down`](RateLimitLayer::max_cool_down), instead of letting
+    /// the next request earn a 429; a 429 without `Retry-After` pauses it
+    /// until that reset too. `Retry-After` wins when both are present.
+    /// Responses with no such header cost one look at their header names.
+    pub fn learn_from_headers(mut self, learn: bool) -> Self {
+        self.learn_from_headers = learn;
+        self
+    }
+
     /// Keeps each connection's bucket, cool-down and learned pace in a
     /// store the fleet shares, so every process using the same store and
     /// prefix holds a connection to one quota. This process's own buckets
@@ -150,7 +167,8 @@ impl<F> fmt::Debug for RateLimitLayer<F> {
             .field("max_wait", &self.max_wait)
             .field("max_keys", &self.max_keys)
             .field("max_cool_down", &self.max_cool_down)
-            .field("learn_rate", &self.learn_rate);
+            .field("learn_rate", &self.learn_rate)
+            .field("learn_from_headers", &self.learn_from_headers);
         #[cfg(feature = "redis")]
         f.field("store", &self.store);
         f.finish()
@@ -169,6 +187,7 @@ impl<S, F: KeyOf + Clone> Layer<S> for RateLimitLayer<F> {
             self.max_wait,
             self.max_cool_down,
             self.learn_rate,
+            self.learn_from_headers,
         );
         #[cfg(feature = "redis")]
         if let (Some(store), Ok(buckets)) = (&self.store, &shared.buckets) {

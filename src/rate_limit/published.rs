@@ -260,6 +260,16 @@ pub fn parse(headers: &HeaderMap, now: SystemTime) -> Published {
     }
 }
 
+/// Whether any header could publish a limit: a name with `ratelimit` or
+/// `rate-limit` in it. One pass over the names, so that responses without
+/// any are not parsed.
+pub(crate) fn present(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        let name = name.as_str();
+        name.contains("ratelimit") || name.contains("rate-limit")
+    })
+}
+
 /// Every line of field `name`, joined with `", "` (RFC 9651 §4.2), or `None`
 /// if it is absent, too long, or not visible ASCII.
 fn field<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Cow<'h, str>> {

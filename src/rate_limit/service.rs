@@ -37,6 +37,8 @@ pub(crate) struct Shared<K> {
     pub(super) max_wait: Option<Duration>,
     pub(super) max_cool_down: Duration,
     pub(super) learn_rate: bool,
+    // Whether the limits servers publish in their headers hold connections.
+    pub(super) read_published: bool,
     // The fleet's shared state, when a store was given; `buckets` then
     // decide only while the store fails.
     #[cfg(feature = "redis")]
@@ -70,24 +72,62 @@ pub(crate) type Reporting = std::pin::Pin<Box<dyn std::future::Future<Output = (
 #[derive(Debug)]
 pub(crate) enum Reporting {}
 
-/// What a throttling response asks for: `(Retry-After as read, the pause
-/// to apply)`, or `None` if the response is not throttling: a 429, or a
-/// 503 with `Retry-After` (without one, a 503 is an outage, not a limit).
-fn throttling(
+/// What a response asks of its connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hold {
+    /// The wait the server asked for (`Retry-After`, or the published
+    /// reset), as read.
+    asked: Option<Duration>,
+    /// The pause to apply: `asked`, at most `max_cool_down`.
+    pause: Duration,
+    /// Whether it throttled the request (a 429 or 503), which teaches the
+    /// connection a pace; a server saying that no requests remain did not.
+    throttled: bool,
+}
+
+/// What `status` and `headers` ask of the connection, or `None`:
+///
+/// - a 429, or a 503 with `Retry-After` (without one, a 503 is an outage,
+///   not a limit), pauses it for `Retry-After`, or, if the 429 has none and
+///   `published` is on, until the reset the server publishes;
+/// - any other response that publishes no requests remaining (see
+///   [`published`](super::published)) pauses it until the published reset.
+///
+/// `Retry-After` wins over a published reset, as the IETF draft says.
+fn holding(
     status: StatusCode,
     headers: &HeaderMap,
     max_cool_down: Duration,
-) -> Option<(Option<Duration>, Duration)> {
+    published: bool,
+) -> Option<Hold> {
+    let hold = |asked: Option<Duration>, throttled| Hold {
+        asked,
+        pause: asked.map_or(Duration::ZERO, |asked| asked.min(max_cool_down)),
+        throttled,
+    };
     let too_many = status == StatusCode::TOO_MANY_REQUESTS;
-    if !too_many && status != StatusCode::SERVICE_UNAVAILABLE {
+    if too_many || status == StatusCode::SERVICE_UNAVAILABLE {
+        let now = SystemTime::now();
+        let asked = retry_after::parse(headers, now);
+        if asked.is_some() {
+            return Some(hold(asked, true));
+        }
+        if !too_many {
+            return None;
+        }
+        let reset = published
+            .then(|| super::published::parse(headers, now).reset)
+            .flatten();
+        return Some(hold(reset, true));
+    }
+    if !published || !super::published::present(headers) {
         return None;
     }
-    let asked = retry_after::parse(headers, SystemTime::now());
-    if asked.is_none() && !too_many {
-        return None;
-    }
-    let pause = asked.map_or(Duration::ZERO, |asked| asked.min(max_cool_down));
-    Some((asked, pause))
+    let limit = super::published::parse(headers, SystemTime::now());
+    let reset = limit
+        .reset
+        .filter(|reset| limit.exhausted() && !reset.is_zero())?;
+    Some(hold(Some(reset), false))
 }
 
 impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Shared<K> {
@@ -96,6 +136,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         max_wait: Option<Duration>,
         max_cool_down: Duration,
         learn_rate: bool,
+        read_published: bool,
     ) -> Self {
         let figures = match &buckets {
             Ok(buckets) => Arc::clone(buckets.figures()),
@@ -108,6 +149,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
             max_wait,
             max_cool_down,
             learn_rate,
+            read_published,
             #[cfg(feature = "redis")]
             fleet: None,
         }
@@ -207,7 +249,14 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         status: StatusCode,
         headers: &HeaderMap,
     ) -> Option<Reporting> {
-        let (asked, pause) = throttling(status, headers, self.max_cool_down)?;
+        let Hold {
+            asked,
+            pause,
+            throttled,
+        } = holding(status, headers, self.max_cool_down, self.read_published)?;
+        // Only a throttled request teaches a pace: a server saying no
+        // requests remain only pauses the connection.
+        let fleet_at = fleet_at.filter(|_| throttled);
         #[cfg(feature = "redis")]
         if let Some(fleet) = &self.fleet {
             // At once, whatever the store does: this process's own buckets
@@ -215,7 +264,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
             // reserved would go into the pause.
             fleet.void_lease(key);
             if fleet.ask() {
-                self.cool_down_locally(key, sent_at, status, asked, pause, false);
+                self.cool_down_locally(key, sent_at, status, asked, pause, throttled, false);
                 let shared = Arc::clone(self);
                 let key = key.clone();
                 // A task of its own, so a caller that drops the response
@@ -238,16 +287,18 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
                 }));
             }
             self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
-            self.cool_down_locally(key, sent_at, status, asked, pause, true);
+            self.cool_down_locally(key, sent_at, status, asked, pause, throttled, true);
             return None;
         }
         let _ = fleet_at;
-        self.cool_down_locally(key, sent_at, status, asked, pause, true);
+        self.cool_down_locally(key, sent_at, status, asked, pause, throttled, true);
         None
     }
 
-    /// Applies a throttle to this process's buckets; counts and logs it
-    /// if `counted` (with a store, the store's outcome is what counts).
+    /// Applies a hold to this process's buckets (a lesson too if the
+    /// request was `throttled`); counts and logs it if `counted` (with a
+    /// store, the store's outcome is what counts).
+    #[allow(clippy::too_many_arguments)]
     fn cool_down_locally(
         &self,
         key: &K,
@@ -255,13 +306,14 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         status: StatusCode,
         asked: Option<Duration>,
         pause: Duration,
+        throttled: bool,
         counted: bool,
     ) {
         let Ok(buckets) = &self.buckets else {
             return;
         };
         let now = buckets.now();
-        let learned = if self.learn_rate {
+        let learned = if self.learn_rate && throttled {
             buckets.throttled_at(key, now, sent_at, nanos(pause))
         } else {
             if !pause.is_zero() {
@@ -425,8 +477,9 @@ impl RateLimitHandle {
         self.figures.admitted.load(Ordering::Relaxed)
     }
 
-    /// Cool-downs applied so far (429/503 responses with a usable
-    /// `Retry-After`).
+    /// Cool-downs applied so far: 429/503 responses with a usable
+    /// `Retry-After` (or, for a 429 without one, a published reset), and
+    /// responses publishing that no requests remain.
     pub fn cool_downs(&self) -> u64 {
         self.figures.cool_downs.load(Ordering::Relaxed)
     }
