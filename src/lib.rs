@@ -156,6 +156,8 @@ pub mod redis;
 pub mod reqwest;
 pub mod retry;
 mod sync;
+#[cfg(test)]
+mod test_util;
 pub mod testing;
 
 pub use builder::{Tollgate, TollgateBuilder, TollgateLayer, TollgateService};

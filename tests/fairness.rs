@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{secs, watchdog};
+use common::{secs, watchdog, DropAfter};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -365,29 +365,6 @@ async fn lent_slots_count_against_the_queue_and_refusal_stays_at_once() {
         assert_eq!((gate.in_flight(), gate.lent(), gate.queued()), (0, 0, 0));
     })
     .await;
-}
-
-/// Polls the inner future at most `polls` times, then drops it.
-struct DropAfter<F> {
-    inner: Option<Pin<Box<F>>>,
-    polls: u32,
-}
-
-impl<F: Future> Future for DropAfter<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.polls == 0 {
-            self.inner = None;
-            return Poll::Ready(None);
-        }
-        self.polls -= 1;
-        match self.inner.as_mut().map(|f| f.as_mut().poll(cx)) {
-            Some(Poll::Ready(out)) => Poll::Ready(Some(out)),
-            Some(Poll::Pending) => Poll::Pending,
-            None => Poll::Ready(None),
-        }
-    }
 }
 
 /// Answers at once after yielding a few times (real time: no sleeping).

@@ -537,20 +537,7 @@ mod tests {
     use http::HeaderValue;
     use proptest::prelude::*;
 
-    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_bytes(value).unwrap(),
-            );
-        }
-        map
-    }
-
-    fn at(epoch_secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(epoch_secs)
-    }
+    use crate::test_util::{at, headers};
 
     fn parse_at(pairs: &[(&str, &str)], now: u64) -> Published {
         let pairs: Vec<(&str, &[u8])> = pairs.iter().map(|(n, v)| (*n, v.as_bytes())).collect();

@@ -164,20 +164,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_bytes(value).unwrap(),
-            );
-        }
-        map
-    }
-
-    fn at(epoch_secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(epoch_secs)
-    }
+    use crate::test_util::{at, headers};
 
     /// 1994-11-06T08:49:37Z, the RFC's example date.
     const RFC_DATE: u64 = 784_111_777;

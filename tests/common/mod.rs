@@ -6,6 +6,8 @@
 pub mod redis_server;
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub const fn secs(n: u64) -> Duration {
@@ -70,4 +72,27 @@ pub async fn first_throttled_server() -> (
         }
     });
     (addr, seen)
+}
+
+/// Polls the inner future at most `polls` times, then drops it.
+pub struct DropAfter<F> {
+    pub inner: Option<Pin<Box<F>>>,
+    pub polls: u32,
+}
+
+impl<F: Future> Future for DropAfter<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polls == 0 {
+            self.inner = None;
+            return Poll::Ready(None);
+        }
+        self.polls -= 1;
+        match self.inner.as_mut().map(|f| f.as_mut().poll(cx)) {
+            Some(Poll::Ready(out)) => Poll::Ready(Some(out)),
+            Some(Poll::Pending) => Poll::Pending,
+            None => Poll::Ready(None),
+        }
+    }
 }
