@@ -169,3 +169,46 @@ async fn learn_from_headers_false_reads_nothing() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_published_policy_paces_the_connection_before_any_429() {
+    watchdog(secs(600), async {
+        // Every answer states 10 requests a second; no 429 ever comes.
+        let policy =
+            || Reply::status(200).header(header("ratelimit-policy"), r#""default";q=10;w=1"#);
+        let server = (0..31).fold(Script::new(), |script, _| script.reply(policy()));
+        let client = RateLimitLayer::per_connection(Quota::unlimited()).layer(server.service());
+        // The first answer teaches the policy.
+        assert_eq!(timed(&client, "a").await, Duration::ZERO);
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..30)
+            .map(|_| tokio::spawn(client.clone().oneshot(on("a"))))
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        // Sent evenly at 99% of 10 a second: 30 more take about 3 s (one
+        // at once, 29 intervals of 1/9.9 s), where they went at once.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(2_900) && took <= Duration::from_millis(3_000),
+            "{took:?}"
+        );
+        assert_eq!(client.handle().cool_downs(), 0);
+        // learn_rate(false): no pace, from 429s or from policies.
+        let server = (0..31).fold(Script::new(), |script, _| script.reply(policy()));
+        let unpaced = RateLimitLayer::per_connection(Quota::unlimited())
+            .learn_rate(false)
+            .layer(server.service());
+        timed(&unpaced, "a").await;
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..30)
+            .map(|_| tokio::spawn(unpaced.clone().oneshot(on("a"))))
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert!(started.elapsed() <= Duration::from_millis(30));
+    })
+    .await;
+}

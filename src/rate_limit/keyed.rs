@@ -268,6 +268,25 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         })
     }
 
+    /// A response on `key` at `now` published a policy of `rate` requests
+    /// a second: pace the key by it (see `pace::published`). Returns
+    /// whether the pace changed.
+    pub(crate) fn published_at(&self, key: &K, now: u64, rate: f64) -> bool {
+        let quota_rate = 1e9 / self.gcra.interval() as f64;
+        self.with_entry(key, now, |entry| {
+            let had_pace = entry.pace.rate(now).is_some();
+            if !entry.pace.publish(now, rate, quota_rate) {
+                return false;
+            }
+            if !had_pace {
+                // From the quota's burst to the pace's, keeping the moment
+                // the next request may go.
+                entry.tat.rebase(&self.gcra, &entry.gcra(&self.gcra, now));
+            }
+            true
+        })
+    }
+
     /// Nanoseconds from `now` until a request behind `ahead` others on
     /// `key` would get its token, if each of them takes one first. Takes
     /// nothing.

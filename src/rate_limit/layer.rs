@@ -128,14 +128,26 @@ impl<F> RateLimitLayer<F> {
     }
 
     /// Whether the limits a server publishes in its response headers hold
-    /// its connection (default: yes). A response saying that no requests
-    /// remain (`RateLimit: r=0`, `X-RateLimit-Remaining: 0`, and the other
-    /// forms [`published`](crate::rate_limit::published) reads) pauses the
-    /// connection until the reset it states, at most
-    /// [`max_cool_down`](RateLimitLayer::max_cool_down), instead of letting
-    /// the next request earn a 429; a 429 without `Retry-After` pauses it
-    /// until that reset too. `Retry-After` wins when both are present.
+    /// its connection (default: yes; the headers and services are listed in
+    /// [`published`](crate::rate_limit::published)):
+    ///
+    /// - a stated **policy** (`RateLimit-Policy: "default";q=50;w=1`, and
+    ///   the other forms with a window) paces the connection at 99% of it,
+    ///   sent evenly, from the first response that states it, before any
+    ///   429 (never faster than the quota; a slower pace its 429s taught is
+    ///   kept; not with [`learn_rate(false)`](RateLimitLayer::learn_rate));
+    /// - a response saying that **no requests remain** (`RateLimit: r=0`,
+    ///   `X-RateLimit-Remaining: 0`, ...) pauses the connection until the
+    ///   reset it states, at most
+    ///   [`max_cool_down`](RateLimitLayer::max_cool_down), instead of
+    ///   letting the next request earn a 429;
+    /// - a 429 without `Retry-After` pauses it until the published reset.
+    ///   `Retry-After` wins when both are present.
+    ///
     /// Responses with no such header cost one look at their header names.
+    /// With a [`store`](RateLimitLayer::store), pauses are shared with the
+    /// fleet, but a policy's pace is not yet: it paces this process's own
+    /// buckets, which decide only while the store fails.
     pub fn learn_from_headers(mut self, learn: bool) -> Self {
         self.learn_from_headers = learn;
         self

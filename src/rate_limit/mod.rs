@@ -60,6 +60,19 @@
 //! `tests/rate_limit.rs` checks both. [`RateLimitHandle::rate_cuts`] counts
 //! the lessons and [`Buckets::learned_rate`] reads a connection's pace.
 //!
+//! # Published limits: the server says its limit before it throttles
+//!
+//! Many servers state their limit on every response: the IETF draft's
+//! `RateLimit-Policy` and `RateLimit` fields, the older `RateLimit-*` and
+//! `X-RateLimit-*` headers (GitHub, X, Discord, Kong...; see
+//! [`published`] for which are read and how). Unless
+//! [`learn_from_headers(false)`](RateLimitLayer::learn_from_headers), the
+//! layer reads them: a stated policy paces the connection at 99% of it
+//! before any 429; a response saying no requests remain pauses the
+//! connection until the stated reset; a 429 without `Retry-After` waits
+//! for that reset. `Retry-After` wins when both are there.
+//! `tests/published.rs` checks each.
+//!
 //! # Waiting
 //!
 //! The key depends on the request, so the wait happens in the response

@@ -94,6 +94,9 @@ struct Lesson {
     /// Requests per second; zero if nothing is learned.
     rate: f64,
     estimate: bool,
+    /// Set by a policy the server published, not by its 429s: a later
+    /// policy replaces it (see [`published`]).
+    published: bool,
     tick: u32,
 }
 
@@ -101,8 +104,11 @@ impl Lesson {
     fn unpack(state: u64) -> Self {
         let bits = (state >> 32) as u32;
         Lesson {
-            rate: f64::from(f32::from_bits(bits & !(1 << 31))),
+            // The rate's lowest mantissa bit marks a published lesson (one
+            // part in eight million of the rate).
+            rate: f64::from(f32::from_bits(bits & !(1 << 31) & !1)),
             estimate: bits >> 31 == 1,
+            published: bits & 1 == 1,
             tick: state as u32,
         }
     }
@@ -111,7 +117,8 @@ impl Lesson {
         // f32 keeps 7 digits, plenty for a pace; clamp so it stays finite.
         let rate = self.rate.clamp(0.0, f64::from(f32::MAX)) as f32;
         let sign = u32::from(self.estimate) << 31;
-        (u64::from(rate.to_bits() | sign) << 32) | u64::from(self.tick)
+        let bits = (rate.to_bits() & !1) | u32::from(self.published && rate > 0.0);
+        (u64::from(bits | sign) << 32) | u64::from(self.tick)
     }
 
     /// Seconds from the lesson to `now` (in ns since the epoch); negative
@@ -177,6 +184,26 @@ impl Pace {
         self.admitted.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The server published a policy of `rate` requests a second at `now`
+    /// (see [`published`]); whether the pace changed.
+    pub(crate) fn publish(&self, now: u64, rate: f64, quota_rate: f64) -> bool {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let Some(next) = published(current, now, rate, quota_rate) else {
+                return false;
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     /// The server throttled a request sent at `sent_at` (the 429 arrived at
     /// `now`, both ns since the epoch), asking for `pause` ns; the key's
     /// quota allows `quota_rate` requests a second. Returns the new pace if
@@ -214,6 +241,7 @@ pub(crate) fn fresh(now: u64) -> u64 {
     Lesson {
         rate: 0.0,
         estimate: false,
+        published: false,
         tick: tick(now),
     }
     .pack()
@@ -270,6 +298,7 @@ pub(crate) fn lesson(
             Lesson {
                 rate: edge.min(quota_rate),
                 estimate: false,
+                published: false,
                 tick: resume,
             }
         }
@@ -288,6 +317,7 @@ pub(crate) fn lesson(
             Lesson {
                 rate: (count / (sent_in * spread).sqrt()).min(quota_rate),
                 estimate: true,
+                published: false,
                 tick: resume,
             }
         }
@@ -296,6 +326,55 @@ pub(crate) fn lesson(
         Lesson {
             rate: learned.rate.max(MIN_RATE),
             ..learned
+        }
+        .pack(),
+    )
+}
+
+/// How often a published policy that has not changed refreshes its
+/// lesson, in seconds: well within the probe's wait and the forgetting, so
+/// that while a server publishes its policy the pace neither probes above
+/// it nor is forgotten, without a write per response.
+const PUBLISHED_REFRESH_SECS: f64 = 60.0;
+
+/// The state after a response at `now` published a policy of `rate`
+/// requests a second (its quota over its window), under a quota of
+/// `quota_rate`; `None` if nothing changes.
+///
+/// A published policy is a lesson that needs no 429: the key is paced at
+/// 99% of it at once (the plateau a lesson climbs to), sent evenly, so a
+/// server counting in windows or a leaky bucket never sees a burst it did
+/// not announce. A later policy replaces it, and a first 429's rough
+/// estimate gives way to it; a pace the server's 429s taught that is
+/// slower is kept: those 429s say the policy is not the whole story
+/// (another client may share the quota).
+pub(crate) fn published(state: u64, now: u64, rate: f64, quota_rate: f64) -> Option<u64> {
+    if !rate.is_finite() || rate <= 0.0 {
+        return None;
+    }
+    let rate = rate.max(MIN_RATE).min(quota_rate);
+    let lesson = Lesson::unpack(state);
+    let age = lesson.age(now);
+    if let Some(current) = lesson.rate_at(age) {
+        if lesson.published {
+            let same = (lesson.rate - rate).abs() <= rate * 1e-6;
+            if same && age < PUBLISHED_REFRESH_SECS {
+                return None;
+            }
+        } else if !lesson.estimate && current < rate * PLATEAU {
+            // A pace the 429s taught, slower than the policy: they know
+            // better (another client may share the quota).
+            return None;
+        }
+    }
+    // Dated as if it had climbed already: the plateau from now on.
+    let climbed = (CLIMB_SECS / TICK_SECS).ceil() as u32;
+    Some(
+        Lesson {
+            rate,
+            estimate: false,
+            published: true,
+            tick: tick(now).wrapping_sub(climbed),
         }
         .pack(),
     )
@@ -310,6 +389,41 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= b.abs() * 0.01
+    }
+
+    #[test]
+    fn a_published_policy_paces_at_once_and_a_slower_lesson_stays() {
+        let fresh = fresh(0);
+        // 50 a second published: 99% of it from now on.
+        let state = published(fresh, SEC, 50.0, 1e9).unwrap();
+        assert!(close(interval_at(state, SEC).unwrap() as f64, 1e9 / 49.5));
+        // The same policy again soon: nothing to write.
+        assert_eq!(published(state, 2 * SEC, 50.0, 1e9), None);
+        // A minute on, refreshed: no probing above it, no forgetting.
+        let later = 400 * SEC;
+        let refreshed = published(state, later, 50.0, 1e9).unwrap();
+        assert!(close(
+            interval_at(refreshed, later).unwrap() as f64,
+            1e9 / 49.5
+        ));
+        // A faster policy replaces it; never faster than the quota.
+        let faster = published(state, 3 * SEC, 80.0, 60.0).unwrap();
+        assert!(close(rate_of(faster).unwrap(), 60.0));
+        // And a slower one too.
+        let slower = published(faster, 4 * SEC, 20.0, 1e9).unwrap();
+        assert!(close(rate_of(slower).unwrap(), 20.0));
+        // A 429 taught 30/s: a policy of 50/s does not undo it.
+        let taught = Lesson {
+            rate: 30.0,
+            estimate: false,
+            published: false,
+            tick: tick(SEC),
+        }
+        .pack();
+        assert_eq!(published(taught, 10 * SEC, 50.0, 1e9), None);
+        // Nonsense rates change nothing.
+        assert_eq!(published(fresh, SEC, f64::NAN, 1e9), None);
+        assert_eq!(published(fresh, SEC, 0.0, 1e9), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tower::{BoxError, Service};
 use super::bucket::nanos;
 use super::future::ResponseFuture;
 use super::keyed::{Buckets, Figures};
+use super::published::{self, Policy, Published};
 use super::waitlist::WaitLists;
 use super::{ByConnection, KeyOf};
 use crate::{retry_after, Error};
@@ -88,17 +89,17 @@ struct Hold {
 /// What `status` and `headers` ask of the connection, or `None`:
 ///
 /// - a 429, or a 503 with `Retry-After` (without one, a 503 is an outage,
-///   not a limit), pauses it for `Retry-After`, or, if the 429 has none and
-///   `published` is on, until the reset the server publishes;
-/// - any other response that publishes no requests remaining (see
-///   [`published`](super::published)) pauses it until the published reset.
+///   not a limit), pauses it for `Retry-After`, or, if the 429 has none,
+///   until the reset the server `published` (if read);
+/// - any other response that publishes no requests remaining pauses it
+///   until the published reset.
 ///
 /// `Retry-After` wins over a published reset, as the IETF draft says.
 fn holding(
     status: StatusCode,
     headers: &HeaderMap,
     max_cool_down: Duration,
-    published: bool,
+    published: Option<&Published>,
 ) -> Option<Hold> {
     let hold = |asked: Option<Duration>, throttled| Hold {
         asked,
@@ -107,23 +108,16 @@ fn holding(
     };
     let too_many = status == StatusCode::TOO_MANY_REQUESTS;
     if too_many || status == StatusCode::SERVICE_UNAVAILABLE {
-        let now = SystemTime::now();
-        let asked = retry_after::parse(headers, now);
+        let asked = retry_after::parse(headers, SystemTime::now());
         if asked.is_some() {
             return Some(hold(asked, true));
         }
         if !too_many {
             return None;
         }
-        let reset = published
-            .then(|| super::published::parse(headers, now).reset)
-            .flatten();
-        return Some(hold(reset, true));
+        return Some(hold(published.and_then(|limit| limit.reset), true));
     }
-    if !published || !super::published::present(headers) {
-        return None;
-    }
-    let limit = super::published::parse(headers, SystemTime::now());
+    let limit = published?;
     let reset = limit
         .reset
         .filter(|reset| limit.exhausted() && !reset.is_zero())?;
@@ -249,11 +243,16 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         status: StatusCode,
         headers: &HeaderMap,
     ) -> Option<Reporting> {
+        let published = (self.read_published && published::present(headers))
+            .then(|| published::parse(headers, SystemTime::now()));
+        if let Some(policy) = published.as_ref().and_then(|limit| limit.policy) {
+            self.pace_by(key, policy);
+        }
         let Hold {
             asked,
             pause,
             throttled,
-        } = holding(status, headers, self.max_cool_down, self.read_published)?;
+        } = holding(status, headers, self.max_cool_down, published.as_ref())?;
         // Only a throttled request teaches a pace: a server saying no
         // requests remain only pauses the connection.
         let fleet_at = fleet_at.filter(|_| throttled);
@@ -293,6 +292,28 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         let _ = fleet_at;
         self.cool_down_locally(key, sent_at, status, asked, pause, throttled, true);
         None
+    }
+
+    /// Paces `key` by the policy its server published (this process's
+    /// buckets only: with a store, the fleet's pace is the store's).
+    fn pace_by(&self, key: &K, policy: Policy) {
+        let Ok(buckets) = &self.buckets else {
+            return;
+        };
+        let window = policy.window.as_secs_f64();
+        if !self.learn_rate || window <= 0.0 {
+            return;
+        }
+        let rate = policy.quota as f64 / window;
+        if buckets.published_at(key, buckets.now(), rate) {
+            tracing::debug!(
+                target: "tollgate::rate_limit",
+                ?key,
+                quota = policy.quota,
+                window = ?policy.window,
+                "pacing the connection by its published policy"
+            );
+        }
     }
 
     /// Applies a hold to this process's buckets (a lesson too if the
