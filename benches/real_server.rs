@@ -10,7 +10,9 @@
 //! `x-connection` header, 500 requests a second per connection with a
 //! burst of 20 (`nodelay`), `429` with `Retry-After: 1` beyond. Without
 //! `TOLLGATE_SERVER` the run starts the examples' own throttling server
-//! (fixed one-second windows) instead, and says so.
+//! (fixed one-second windows) instead, and says so. The last row asks for
+//! `/policy/leads/...`, where nginx limits the same and states it on every
+//! response (`RateLimit-Policy: "default";q=500;w=1`).
 //!
 //! 5,000 leads (`LEADS` to change; the naive client takes minutes; `ONLY`
 //! keeps the rows whose name has it), over 2 connections; the clients are
@@ -60,8 +62,13 @@ impl Tally {
 }
 
 fn lead(base: &str, n: u64) -> Request<Bytes> {
+    lead_at(base, "", n)
+}
+
+/// Lead `n` under `prefix` (`/policy`: the server states its policy).
+fn lead_at(base: &str, prefix: &str, n: u64) -> Request<Bytes> {
     let connection = ["crm-1", "crm-2"][(n % 2) as usize];
-    let mut request = Request::get(format!("{base}/leads/{n}"))
+    let mut request = Request::get(format!("{base}{prefix}/leads/{n}"))
         .header("x-connection", connection)
         .body(Bytes::new())
         .expect("a valid request");
@@ -132,6 +139,7 @@ async fn run(client: usize, base: &str, leads: u64, tally: &'static Tally) {
                 .await
         }
         _ => {
+            let prefix = if client == 5 { "/policy" } else { "" };
             let quota = if client == 2 {
                 Quota::per_second(PER_SECOND).burst(BURST)
             } else {
@@ -147,7 +155,7 @@ async fn run(client: usize, base: &str, leads: u64, tally: &'static Tally) {
             stream::iter(0..leads)
                 .for_each_concurrent(PARALLELISM + 10 + PARALLELISM, |n| {
                     let stack = stack.clone();
-                    async move { tally.record(stack.oneshot(lead(base, n)).await) }
+                    async move { tally.record(stack.oneshot(lead_at(base, prefix, n)).await) }
                 })
                 .await
         }
@@ -180,6 +188,7 @@ async fn main() -> Result<(), BoxError> {
         "tollgate builder, p = 50, quota 500/s burst 20",
         "tollgate builder, p = 50, no quota (429s teach the pace)",
         "tollgate builder, p = 50, no quota, `learn_rate(false)`",
+        "tollgate builder, p = 50, no quota, the server states `RateLimit-Policy: q=500;w=1`",
     ];
     let only = std::env::var("ONLY").unwrap_or_default();
     for (client, name) in names.into_iter().enumerate() {
