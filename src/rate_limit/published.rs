@@ -72,6 +72,10 @@
 //! (its `max_cool_down`). `X-RateLimit-Reset-After` and the draft's `t` are
 //! seconds by definition and never read as timestamps.
 //!
+//! A `cargo fuzz` target (`fuzz/fuzz_targets/published.rs`; the command is
+//! in the README's "Checking tollgate itself") feeds it arbitrary headers,
+//! beside the proptests below.
+//!
 //! # What counts as a value
 //!
 //! Every case below gives a value or leaves the field `None` (the other
