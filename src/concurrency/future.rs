@@ -156,8 +156,8 @@ where
                     let polled = if *this.lending {
                         seat::polling_with(this.seat, || future.as_mut().poll(cx))
                     } else {
-                        let (polled, wanted) = seat::polling(|| future.as_mut().poll(cx));
-                        if polled.is_pending() && wanted {
+                        let polled = seat::polling(|| future.as_mut().poll(cx));
+                        if polled.is_pending() && seat::wanted() {
                             // A rate limiter inside waits for a token: put
                             // the seat out for it, and poll again at once.
                             *this.lending = true;

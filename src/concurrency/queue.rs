@@ -47,6 +47,14 @@ struct State {
     next_ticket: u64,
 }
 
+impl State {
+    /// Whether a request may take a slot now: one is free and nobody
+    /// waits for one.
+    fn slot_free(&self) -> bool {
+        self.in_flight < self.parallelism && self.lines.len() == 0
+    }
+}
+
 /// Waiting tickets: one line per connection, first come first served
 /// within a line, the lines served in turn (round-robin). A line served
 /// goes to the back of the turns, so a connection that queued a burst
@@ -204,7 +212,7 @@ impl Gate {
     /// method on `self: &Arc<Self>`: loom's `Arc` cannot be a receiver.)
     pub(crate) fn try_slot(gate: &Arc<Gate>) -> Option<Slot> {
         let mut state = gate.lock();
-        if state.parallelism == 0 || state.in_flight >= state.parallelism || state.lines.len() > 0 {
+        if !state.slot_free() {
             return None;
         }
         Some(Self::seat(gate, &mut state))
@@ -228,7 +236,7 @@ impl Gate {
         if state.parallelism == 0 {
             return Admission::Closed;
         }
-        if state.in_flight < state.parallelism && state.lines.len() == 0 {
+        if state.slot_free() {
             return Admission::Slot(Self::seat(gate, &mut state));
         }
         if state.lines.len() + state.lent < gate.queue_limit {
@@ -441,7 +449,7 @@ impl Lent {
         let mut state = gate.lock();
         self.held = false;
         state.lent -= 1;
-        if state.in_flight < state.parallelism && state.lines.len() == 0 {
+        if state.slot_free() {
             state.in_flight += 1;
             drop(state);
             return Ok(Slot {

@@ -89,18 +89,21 @@ impl Drop for Deeper {
     }
 }
 
-/// Runs `poll` without putting a seat out; returns whether something
-/// polled inside asked for one (and clears the request). Seats put out by
-/// gates further out are hidden from it.
+/// Runs `poll` without putting a seat out. Seats put out by gates further
+/// out are hidden from it.
 #[inline]
-pub(super) fn polling<R>(poll: impl FnOnce() -> R) -> (R, bool) {
-    let deeper = Deeper::enter();
-    let polled = poll();
-    drop(deeper);
-    let wanted = WANTED
+pub(super) fn polling<R>(poll: impl FnOnce() -> R) -> R {
+    let _deeper = Deeper::enter();
+    poll()
+}
+
+/// Whether something polled inside, on this thread, asked for a seat since
+/// the last call (see [`polling`]); clears the request.
+#[inline]
+pub(super) fn wanted() -> bool {
+    WANTED
         .try_with(|wanted| wanted.replace(false))
-        .unwrap_or(false);
-    (polled, wanted)
+        .unwrap_or(false)
 }
 
 /// Runs `poll` with `seat` put out for the rate limiter inside, and takes
@@ -176,7 +179,7 @@ enum Away {
     Lent(Lent),
     Reclaiming(Place),
     Seated(Slot),
-    // Only while a transition is under way (see `Loan::step`).
+    // Only while a transition is under way (`poll_seated`, `lend`).
     Moving,
 }
 
@@ -218,15 +221,13 @@ impl Loan {
     /// free it keeps it, and `cx` is woken to try again when one is.
     fn lend(&self, cx: &Context<'_>) {
         let mut away = self.away();
-        if let Away::Seated(_) = &*away {
-            let Away::Seated(slot) = std::mem::replace(&mut *away, Away::Moving) else {
-                unreachable!("matched above")
-            };
-            *away = match slot.lend(self.line, cx.waker()) {
+        *away = match std::mem::replace(&mut *away, Away::Moving) {
+            Away::Seated(slot) => match slot.lend(self.line, cx.waker()) {
                 Ok(lent) => Away::Lent(lent),
                 Err(slot) => Away::Seated(slot),
-            };
-        }
+            },
+            other => other,
+        };
     }
 
     /// Whether the gate future must take the slot back before it polls
@@ -240,7 +241,7 @@ impl Loan {
 }
 
 /// The rate limiter's hold on its request's gate slot while the request
-/// waits for a token: made by [`SeatLoan::lend`]; the request must be
+/// waits for a token: made by [`SeatLoan::lend_seat`]; the request must be
 /// [seated](SeatLoan::poll_seated) again before it is sent.
 #[derive(Debug)]
 pub(crate) struct SeatLoan {
@@ -253,9 +254,9 @@ impl SeatLoan {
     /// [`line_of`](super::line_of) its key). `None` if no gate put a seat
     /// out here (it is asked to, for the next poll), or another future of
     /// the same request holds the loan (see the module docs). If no waiting
-    /// place is free, the
-    /// request keeps its slot for now; [`lend`](SeatLoan::lend) again on
-    /// each poll while it waits (the gate wakes it when lending can work).
+    /// place is free, the request keeps its slot for now;
+    /// [`lend`](SeatLoan::lend) again on each poll while it waits (the gate
+    /// wakes it when lending can work).
     pub(crate) fn lend_seat(line: u64, cx: &Context<'_>) -> Option<SeatLoan> {
         let loan = with_current_seat(|seat| match seat {
             Seat::Seated(slot) => {
