@@ -66,6 +66,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `learn_rate` | on | a cool-down alone lets a rounding token-bucket server run at 0.10 of its capacity; learning, 0.99 |
 /// | `learn_from_headers` | on | a server that says no requests remain (`RateLimit`, `X-RateLimit-Remaining: 0`, ...) would answer the next request 429: hold the connection until its stated reset instead |
 /// | `retry` | [`Backoff::power_automate`] | the Logic Apps / Power Automate default policy |
+/// | `retry_after_alone` | on (with `learn_rate`) | a throttled request's retry waits the server's `Retry-After` and its connection's pace, not the backoff's 5-7.5 s on top: the connection already spaces it |
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
 ///
@@ -86,6 +87,7 @@ pub struct TollgateBuilder<F = ByConnection> {
     backoff: Backoff,
     max_retry_after: Duration,
     deadline: Option<Duration>,
+    retry_after_alone: Option<bool>,
     learn_rate: bool,
     learn_from_headers: bool,
     #[cfg(feature = "redis")]
@@ -125,6 +127,7 @@ impl TollgateBuilder {
             backoff: Backoff::power_automate(),
             max_retry_after: RetryLayer::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
+            retry_after_alone: None,
             learn_rate: true,
             learn_from_headers: true,
             #[cfg(feature = "redis")]
@@ -179,6 +182,7 @@ impl<F> TollgateBuilder<F> {
             backoff: self.backoff,
             max_retry_after: self.max_retry_after,
             deadline: self.deadline,
+            retry_after_alone: self.retry_after_alone,
             learn_rate: self.learn_rate,
             learn_from_headers: self.learn_from_headers,
             #[cfg(feature = "redis")]
@@ -209,6 +213,22 @@ impl<F> TollgateBuilder<F> {
     /// [`RetryLayer::deadline`]).
     pub fn deadline(mut self, budget: Duration) -> Self {
         self.deadline = Some(budget);
+        self
+    }
+
+    /// Whether a throttled request is retried after the server's
+    /// `Retry-After` alone, its connection's pause and pace spacing it,
+    /// rather than after `max(backoff delay, Retry-After)` (see
+    /// [`RetryLayer::retry_after_alone`]; default: on while connections
+    /// learn a pace, see [`learn_rate`](TollgateBuilder::learn_rate)).
+    /// Off gives Power Automate's rule exactly, at a cost: a 5-second
+    /// import's throttled leads would wait 5-7.5 s for their first retry.
+    /// Without a learned pace (and no quota) nothing spaces the retries
+    /// but the backoff, so it stays off by default there: in
+    /// `benches/throttled.rs` retries after the bare `Retry-After` of a
+    /// pause-only connection lose 5% of the leads to spent retries.
+    pub fn retry_after_alone(mut self, alone: bool) -> Self {
+        self.retry_after_alone = Some(alone);
         self
     }
 
@@ -263,7 +283,9 @@ impl<F> TollgateBuilder<F> {
         if let Some(timeout) = self.queue_timeout {
             gate = gate.queue_timeout(timeout);
         }
-        let mut retry = RetryLayer::new(self.backoff).max_retry_after(self.max_retry_after);
+        let mut retry = RetryLayer::new(self.backoff)
+            .max_retry_after(self.max_retry_after)
+            .retry_after_alone(self.retry_after_alone.unwrap_or(self.learn_rate));
         if let Some(budget) = self.deadline {
             retry = retry.deadline(budget);
         }
@@ -309,6 +331,7 @@ impl<F> std::fmt::Debug for TollgateBuilder<F> {
             .field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
+            .field("retry_after_alone", &self.retry_after_alone)
             .field("learn_rate", &self.learn_rate)
             .field("learn_from_headers", &self.learn_from_headers);
         #[cfg(feature = "redis")]

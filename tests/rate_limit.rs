@@ -541,7 +541,8 @@ async fn push_through_rounding_server(
 async fn a_learned_pace_keeps_a_rounding_server_busy() {
     watchdog(secs(36_000), async {
         // 600 requests at 10/s: a minute at best. Learning costs a few
-        // seconds (the first 429s, then ~5% cuts until the pace fits);
+        // seconds and 429s (the first crowd's, then one per probe above
+        // the pace, every several seconds);
         // without it, each 429 idles the connection for its rounded-up
         // second, then the 20 waiting go at once and earn the next one.
         // (burst, most time learning, least time with the cool-down only)
@@ -551,7 +552,7 @@ async fn a_learned_pace_keeps_a_rounding_server_busy() {
             let (took, refused, handle) = push_through_rounding_server(true, burst, 600).await;
             let seen = format!("burst {burst}, learning: {took:?}, {refused} 429s");
             assert!(took < learning, "{seen}");
-            assert!(refused <= 15, "{seen}");
+            assert!(refused <= 20, "{seen}");
             assert!(handle.rate_cuts() >= 1, "{seen}");
             let (took, refused, handle) = push_through_rounding_server(false, burst, 600).await;
             let seen = format!("burst {burst}, cool-down only: {took:?}, {refused} 429s");

@@ -60,6 +60,28 @@ async fn policy_wins_when_longer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn retry_after_alone_waits_the_server_not_the_policy() {
+    // A 429 and a 503 with Retry-After: their wait alone; an error without
+    // one still waits the policy's delay.
+    let server = Script::new()
+        .reply(Reply::status(429).retry_after(secs(1)))
+        .reply(Reply::status(503).retry_after(secs(2)))
+        .reply(Reply::status(503))
+        .reply(200);
+    let layer = RetryLayer::new(Backoff::fixed(secs(5))).retry_after_alone(true);
+    let response = send(layer, &server, get()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(server.waits(), [secs(1), secs(2), secs(5)]);
+    // The cap still holds: a longer wait returns the response.
+    let server = Script::new()
+        .reply(Reply::status(429).retry_after(secs(600)))
+        .reply(200);
+    let layer = RetryLayer::new(Backoff::fixed(secs(5))).retry_after_alone(true);
+    let response = send(layer, &server, get()).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(start_paused = true)]
 async fn policy_alone_without_retry_after() {
     let server = Script::new().reply(500).reply(502).reply(504).reply(200);
     let backoff = Backoff::exponential(secs(1));

@@ -242,7 +242,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         self.with_entry(key, now, |entry| {
             let admitted = entry.tat.acquire(&entry.gcra(&self.gcra, now), now);
             if admitted.is_ok() {
-                entry.pace.admitted();
+                entry.pace.admitted(now);
             }
             admitted
         })
@@ -254,7 +254,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         let quota_rate = 1e9 / self.gcra.interval() as f64;
         self.with_entry(key, now, |entry| {
             let had_pace = entry.pace.rate(now).is_some();
-            let learned = entry.pace.throttled(now, sent_at, pause, quota_rate);
+            let (learned, pause) = entry.pace.throttled(now, sent_at, pause, quota_rate);
             if learned.is_some() && !had_pace {
                 // From the quota's burst to the pace's, keeping the moment
                 // the next request may go.

@@ -39,25 +39,35 @@
 //! evenly, one at a time, just under the rate that earned it, and never
 //! faster than the quota.
 //!
-//! - The first 429 of a connection that sent at least 10 requests gives an
-//!   estimate (between the rate it sent at and that rate spread over the
-//!   pause too); it doubles every 2 s until the next 429.
+//! - The first 429 of a connection that sent at least 10 requests pauses
+//!   it for the whole `Retry-After` and gives an estimate (between the
+//!   rate it sent at and that rate spread over the pause too); it doubles
+//!   every 0.5 s until the next 429, which takes the pace of a quarter
+//!   second before.
 //! - Each later 429 sets the pace to the rate it was sent at, less what the
 //!   server's burst may have hidden (more when it came soon after the
-//!   connection resumed). The pace restarts at 80% of it, climbs back to
-//!   99% within 2 s, and holds there.
-//! - After 5 quiet minutes it probes upward by 0.1% a second, so capacity
-//!   that grew is found again; 30 minutes without a 429 and it is forgotten.
+//!   connection resumed), or to what the server accepted over the last
+//!   second if that is less (a window server's limit). A paced connection
+//!   is no herd: it pauses only for the excess's share of `Retry-After`
+//!   (milliseconds after a pace 1% too fast, not a rounded-up second).
+//!   The pace restarts at 90%, climbs back to 99.5% within a second, holds
+//!   there 5 s (longer each time a lesson confirms the last, up to 10
+//!   minutes), then probes upward (3.5% a second) until the next 429, so a
+//!   pace cut too deep, or capacity that grew, is found again. 30 minutes
+//!   without a 429 and it is forgotten.
 //! - Only the first 429 of an episode teaches: the 429s of requests sent
 //!   before the connection resumed belong to the crowd that earned the
 //!   first one.
 //!
-//! In the simulation (1,000,000 leads, 100/s per connection) the stack
-//! without a quota holds 0.99 of a rounding token-bucket server's capacity
-//! and 0.98 of a fixed-window one's, one 429 per 10,000 leads or fewer
-//! (`BENCHMARKS.md`). A server with no burst at all (one request per
-//! interval, nothing early) costs a few more 429s while the pace settles:
-//! `tests/rate_limit.rs` checks both. [`RateLimitHandle::rate_cuts`] counts
+//! Against four kinds of server (`tests/learning.rs`: nginx's leaky bucket,
+//! a sliding window that counts throttled requests too, fixed windows, a
+//! token bucket rounding `Retry-After` up; 500/s per connection, 2
+//! connections) the builder's stack without a quota reaches 0.73-1.00 of
+//! capacity on 5-second imports and 0.93-0.95 on 30-second ones, losing
+//! nothing; over a million leads, 0.99 of a rounding token bucket's and
+//! 0.98 of fixed windows' (`benches/throttled.rs`). A server with no burst at all (one request per interval,
+//! nothing early) costs a few more 429s while the pace settles:
+//! `tests/rate_limit.rs` checks it. [`RateLimitHandle::rate_cuts`] counts
 //! the lessons and [`Buckets::learned_rate`] reads a connection's pace.
 //!
 //! # Published limits: the server says its limit before it throttles
@@ -134,6 +144,7 @@ mod future;
 mod key;
 mod keyed;
 mod layer;
+pub(crate) mod meter;
 pub(crate) mod pace;
 /// Reading the rate limits a server publishes in its response headers.
 pub mod published;

@@ -7,23 +7,39 @@
 //! without a quota (`benches/throttled.rs`). So a 429 also teaches the
 //! connection a **pace**, requests per second sent evenly, just below the
 //! rate that earned it. Time `s` counts from when the key sends again (the
-//! end of the cool-down); `r` is the rate learned:
+//! end of its pause); `r` is the rate learned:
 //!
-//! - the **first** 429 gives an estimate from the `n` requests admitted
-//!   since the key was first seen (at least 10, else the 429 only pauses
-//!   the key) in `d` seconds: the server let through at most `n / d` and
-//!   at least `n / (d + pause)` (the pause it asked for, at least a
-//!   second); the estimate is their geometric mean. Rough (requests in
-//!   flight count too), so it doubles every 2 s until the next 429 calls
-//!   it;
+//! - the **first** 429 (the key is a herd: nothing spaced its requests)
+//!   pauses the key for all of its `Retry-After`, and gives an estimate
+//!   from the `n` requests admitted since the key was first seen (at least
+//!   10, else the 429 only pauses the key) in `d` seconds: the server let
+//!   through at most `n / d` and at least `n / (d + pause)` (the pause it
+//!   asked for, at least a second); the estimate is their geometric mean.
+//!   Rough, so it **doubles every 0.5 s** (TCP's slow start) until the
+//!   next 429 calls it: `r` is then the pace of 0.25 s before that 429
+//!   (the doubling ran over the server's rate about that long before its
+//!   burst was spent);
 //! - every later 429 takes the pace it met, less what the server's burst
 //!   may have hidden (`LAG_SECS / s`: a 429 a second after resuming means
-//!   the pace was ~10% too fast, one after a minute barely), as `r`. The
-//!   pace restarts at 80% of `r` to drain what the server queued, climbs
-//!   back within 2 s to 99% of `r`, and holds there;
-//! - after 5 quiet minutes (Power Platform's metering window) it **probes**
-//!   upward by 0.1% of `r` a second, so a server that grew is found again
-//!   at the cost of one 429 per probe;
+//!   the pace was ~10% too fast, one after a minute barely), or **what the
+//!   server accepted** over the last second if that is less (a window
+//!   server's limit, whatever was sent: see `meter`; only once the key
+//!   has sent for a second since its last lesson), as `r`; a 429 within
+//!   0.1 s of resuming teaches nothing: the server is still in the last
+//!   episode (a window not yet over), and the key waits a quarter of the
+//!   `Retry-After` more;
+//! - a paced key is no herd: a later 429 pauses it only for the share of
+//!   the `Retry-After` that was excess (`1 - r / pace met`: a few ms after
+//!   a pace 1% too fast), instead of a whole rounded-up second of silence.
+//!   The pace restarts at 90% of `r`, climbs back within a second to 99.5%
+//!   of `r`, holds there 5 s, then **probes** upward, doubling every 20 s
+//!   (3.5% a second), until the next 429: a pace cut too deep is back
+//!   within seconds. The pace of a probe's 429 is taken as it was when
+//!   the probe passed the server's rate (a burst of 25 ms of it is spent
+//!   in ~1.2 s at that climb). Each lesson within 5% of the last doubles
+//!   the hold (up to 10 minutes), so a settled pace rarely probes; the
+//!   lesson that ends a doubling is rough and probes at once, 15% a
+//!   second;
 //! - 30 minutes without a 429 and the pace is **forgotten**: the key runs at
 //!   its quota again, and may be dropped from the store.
 //!
@@ -31,15 +47,17 @@
 //! before the last lesson took effect (the rest of the crowd that earned
 //! it) is ignored, as TCP cuts its window once per loss event.
 //!
-//! Against the simulation's servers (100/s per connection), the pace holds
-//! 0.98-0.99 of capacity with one 429 per 11,000 requests or fewer, where the
-//! cool-down alone held 0.10 (token bucket) or 0.92 (fixed windows).
+//! Against the four kinds of server in `tests/learning.rs` (500/s per
+//! connection; 2 connections, 5 and 30 seconds of leads), the default stack
+//! reaches 0.73-1.00 of capacity in 5 s and 0.93-0.95 in 30 s.
 //!
 //! The state fits in one `u64` (the rate as an `f32`, the lesson's time in
-//! 16.8 ms ticks), read with one atomic load per request; a `u32` counts
-//! admissions for the first estimate.
+//! 16.8 ms ticks), read with one atomic load per request; a second `u64`
+//! holds the meter's counts.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::meter::Counts;
 
 /// Nanoseconds per tick of a lesson's time, as a shift: 2^24 ns = 16.8 ms,
 /// so a `u32` of ticks spans 2.3 years.
@@ -47,19 +65,36 @@ const TICK_SHIFT: u32 = 24;
 const NANOS_PER_SEC: f64 = 1e9;
 const TICK_SECS: f64 = (1u64 << TICK_SHIFT) as f64 / NANOS_PER_SEC;
 
-/// A first estimate doubles every this many seconds until the next 429.
-const DOUBLING_SECS: f64 = 2.0;
-/// After a 429, the pace restarts at this share of the rate that earned it.
-const CUT: f64 = 0.8;
+/// A first estimate doubles every this many seconds until the next 429
+/// (as TCP's slow start doubles its window every round trip).
+const DOUBLING_SECS: f64 = 0.5;
+/// The 429 that ends the doubling met a pace the server's burst let run
+/// over its rate for about this long: the lesson takes the pace of then.
+const DOUBLING_LAG_SECS: f64 = 0.25;
+/// After a 429, the pace restarts at this share of the rate it learned
+/// (its short pause already drained what the excess queued)...
+const CUT: f64 = 0.9;
 /// ...and climbs back, in this many seconds...
-const CLIMB_SECS: f64 = 2.0;
+const CLIMB_SECS: f64 = 1.0;
 /// ...to this share of it, where it holds...
-const PLATEAU: f64 = 0.99;
-/// ...this many seconds (Power Platform meters in 5-minute windows),
-/// before probing upward...
-const PROBE_AFTER_SECS: f64 = 300.0;
-/// ...by this share of it per second.
-const PROBE_PER_SEC: f64 = 0.001;
+const PLATEAU: f64 = 0.995;
+/// ...this many seconds, before probing upward...
+const HOLD_SECS: f64 = 5.0;
+/// ...doubling every this many seconds (3.5% a second): a pace cut too
+/// deep is back within seconds, a right one meets its next 429 at a few
+/// percent over.
+const PROBE_DOUBLING_SECS: f64 = 20.0;
+/// The burst a server is taken to have, in seconds of its rate: how long
+/// a pace may run over that rate unseen (nginx's `burst=20` at 500/s is
+/// 0.04 s).
+const BURST_SECS: f64 = 0.025;
+/// After a rough lesson, a probe doubles the pace every this many seconds
+/// (15% a second), with no hold first.
+const ROUGH_PROBE_DOUBLING_SECS: f64 = 5.0;
+/// A 429 that comes before a key resumed long enough to be measured waits
+/// this share of its `Retry-After`: its server is still in the episode
+/// the last lesson paused for (a window not over yet).
+const RECOVERING_DIVISOR: u64 = 4;
 /// A pace this old is forgotten.
 pub(crate) const FORGET_SECS: f64 = 1800.0;
 /// How long a server's burst can hide an excess: a 429 `age` seconds after
@@ -84,9 +119,22 @@ pub(crate) struct Pace {
     // it is a first estimate, zero while nothing is learned. Low half: the
     // tick of the lesson, or of the key's arrival before any.
     state: AtomicU64,
-    // Requests admitted since that tick (wrapping: only an estimate).
-    admitted: AtomicU32,
+    // What the server accepted lately, and admissions since the lesson.
+    meter: AtomicU64,
 }
+
+/// The low mantissa bits of a packed rate that hold a lesson's flags
+/// (published, rough, and three bits of how settled it is): parts in a
+/// quarter million of the rate.
+const FLAGS: u32 = 0b11111;
+/// The most a pace settles: a hold of 5 s doubled 7 times, 10 minutes.
+const MAX_SETTLED: u32 = 7;
+/// A published policy paces at this share of it, from its first response
+/// on, and never probes above it (the server's word): HAProxy's sliding
+/// estimate refuses requests sent at exactly its limit.
+const PUBLISHED_SHARE: f64 = 0.99;
+/// A lesson within this share of the last one confirms it.
+const CONFIRMS: f64 = 0.05;
 
 /// What one lesson left.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,6 +145,12 @@ struct Lesson {
     /// Set by a policy the server published, not by its 429s: a later
     /// policy replaces it (see [`published`]).
     published: bool,
+    /// Set when the lesson ended a first estimate's doubling: only roughly
+    /// the server's rate, so it probes without holding first.
+    rough: bool,
+    /// How many lessons in a row found about the same rate (at most
+    /// `MAX_SETTLED`): each doubles the hold before the next probe.
+    settled: u32,
     tick: u32,
 }
 
@@ -104,11 +158,13 @@ impl Lesson {
     fn unpack(state: u64) -> Self {
         let bits = (state >> 32) as u32;
         Lesson {
-            // The rate's lowest mantissa bit marks a published lesson (one
-            // part in eight million of the rate).
-            rate: f64::from(f32::from_bits(bits & !(1 << 31) & !1)),
+            // The rate's two lowest mantissa bits mark a published lesson
+            // and a rough one (parts in four million of the rate).
+            rate: f64::from(f32::from_bits(bits & !(1 << 31) & !FLAGS)),
             estimate: bits >> 31 == 1,
             published: bits & 1 == 1,
+            rough: bits & 2 == 2,
+            settled: (bits & FLAGS) >> 2,
             tick: state as u32,
         }
     }
@@ -117,7 +173,10 @@ impl Lesson {
         // f32 keeps 7 digits, plenty for a pace; clamp so it stays finite.
         let rate = self.rate.clamp(0.0, f64::from(f32::MAX)) as f32;
         let sign = u32::from(self.estimate) << 31;
-        let bits = (rate.to_bits() & !1) | u32::from(self.published && rate > 0.0);
+        let flags = u32::from(self.published)
+            | u32::from(self.rough) << 1
+            | self.settled.min(MAX_SETTLED) << 2;
+        let bits = (rate.to_bits() & !FLAGS) | if rate > 0.0 { flags } else { 0 };
         (u64::from(bits | sign) << 32) | u64::from(self.tick)
     }
 
@@ -130,6 +189,24 @@ impl Lesson {
 
     /// The pace `age` seconds after the lesson, or `None` if there is no
     /// lesson or it is forgotten.
+    /// Seconds a probe takes to double the pace: faster after a rough
+    /// lesson, which may be well under the server's rate.
+    fn probe_doubling(&self) -> f64 {
+        if self.rough {
+            ROUGH_PROBE_DOUBLING_SECS
+        } else {
+            PROBE_DOUBLING_SECS
+        }
+    }
+
+    /// How long a probe's pace ran over the server's rate before its 429:
+    /// until a burst of BURST_SECS of the rate is spent at the probe's
+    /// climb (`sqrt(2 * burst / climb)`).
+    fn probe_lag(&self) -> f64 {
+        let climb = std::f64::consts::LN_2 / self.probe_doubling();
+        (2.0 * BURST_SECS / climb).sqrt()
+    }
+
     fn rate_at(&self, age: f64) -> Option<f64> {
         if self.rate <= 0.0 || age >= FORGET_SECS {
             return None;
@@ -140,12 +217,24 @@ impl Lesson {
     /// The pace `age` seconds after resuming, as a share of the lesson's rate.
     fn share(&self, age: f64) -> f64 {
         if self.estimate {
-            (age / DOUBLING_SECS).exp2()
-        } else {
-            let climb = (age / CLIMB_SECS).min(1.0);
-            let probe = (age - PROBE_AFTER_SECS).max(0.0) * PROBE_PER_SEC;
-            CUT + (PLATEAU - CUT) * climb + probe
+            return (age / DOUBLING_SECS).exp2();
         }
+        if self.published {
+            return PUBLISHED_SHARE;
+        }
+        let climb = (age / CLIMB_SECS).min(1.0);
+        let plateau = CUT + (PLATEAU - CUT) * climb;
+        // A published policy is the server's word: no probing above it.
+        let hold = if self.rough {
+            0.0
+        } else {
+            HOLD_SECS * f64::from(1u32 << self.settled.min(MAX_SETTLED))
+        };
+        let probing = age - CLIMB_SECS - hold;
+        if probing <= 0.0 {
+            return plateau;
+        }
+        plateau * (probing / self.probe_doubling()).exp2()
     }
 }
 
@@ -159,7 +248,7 @@ impl Pace {
     pub(crate) fn new(now: u64) -> Self {
         Pace {
             state: AtomicU64::new(fresh(now)),
-            admitted: AtomicU32::new(0),
+            meter: AtomicU64::new(Counts::fresh(now).0),
         }
     }
 
@@ -180,8 +269,12 @@ impl Pace {
     }
 
     /// Counts one admission toward the first estimate.
-    pub(crate) fn admitted(&self) {
-        self.admitted.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn admitted(&self, now: u64) {
+        let _ = self
+            .meter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |counts| {
+                Some(Counts(counts).sent(now).0)
+            });
     }
 
     /// The server published a policy of `rate` requests a second at `now`
@@ -214,11 +307,21 @@ impl Pace {
         sent_at: u64,
         pause: u64,
         quota_rate: f64,
-    ) -> Option<f64> {
+    ) -> (Option<f64>, u64) {
         let mut current = self.state.load(Ordering::Acquire);
         loop {
-            let admitted = self.admitted.load(Ordering::Relaxed);
-            let learned = lesson(current, admitted, now, sent_at, pause, quota_rate)?;
+            let counts = Counts(self.meter.load(Ordering::Relaxed));
+            let verdict = lesson(current, counts, now, sent_at, pause, quota_rate);
+            let Some(learned) = verdict.state else {
+                if verdict.counted {
+                    let _ =
+                        self.meter
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |counts| {
+                                Some(Counts(counts).refused(now).0)
+                            });
+                }
+                return (None, verdict.pause);
+            };
             match self.state.compare_exchange_weak(
                 current,
                 learned,
@@ -226,8 +329,9 @@ impl Pace {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.admitted.store(0, Ordering::Relaxed);
-                    return rate_of(learned);
+                    let resume = now.saturating_add(verdict.pause);
+                    self.meter.store(Counts::fresh(resume).0, Ordering::Relaxed);
+                    return (rate_of(learned), verdict.pause);
                 }
                 Err(actual) => current = actual,
             }
@@ -242,6 +346,8 @@ pub(crate) fn fresh(now: u64) -> u64 {
         rate: 0.0,
         estimate: false,
         published: false,
+        rough: false,
+        settled: 0,
         tick: tick(now),
     }
     .pack()
@@ -276,59 +382,131 @@ pub(crate) fn interval_at(state: u64, now: u64) -> Option<u64> {
 /// state in Redis and swaps it with a compare-and-set script) learn alike.
 pub(crate) fn lesson(
     state: u64,
-    admitted: u32,
+    counts: Counts,
     now: u64,
     sent_at: u64,
     pause: u64,
     quota_rate: f64,
-) -> Option<u64> {
-    // The lesson dates from when the key sends again: its climb (or
-    // doubling) starts there, and a request sent before is of this
-    // episode.
-    let resume = tick(now.saturating_add(pause));
+) -> Verdict {
     let lesson = Lesson::unpack(state);
     let age = lesson.age(now);
-    let learned = match lesson.rate_at(age) {
+    let (learned, pause) = match lesson.rate_at(age) {
         // Sent no later than the lesson's tick: the same episode.
-        Some(_) if (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => return None,
-        Some(rate) => {
-            // The pace at the 429, less what the server's burst may
-            // have hidden...
-            let edge = rate / (1.0 + LAG_SECS / age.max(LAG_SECS));
-            Lesson {
-                rate: edge.min(quota_rate),
-                estimate: false,
-                published: false,
-                tick: resume,
+        Some(_) if (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => {
+            return Verdict {
+                state: None,
+                pause: 0,
+                counted: false,
             }
         }
+        Some(rate) => {
+            let accepted = counts.rate(now, age);
+            if age < LAG_SECS {
+                // Too soon after the key resumed to have overrun anything:
+                // the server is still in the last episode (its window not
+                // over yet). Wait longer; learn nothing.
+                return Verdict {
+                    state: None,
+                    pause: pause / RECOVERING_DIVISOR,
+                    counted: true,
+                };
+            }
+            // The pace of the 429, less what the server's burst may have
+            // hidden: a doubling ran over for about DOUBLING_LAG_SECS; a
+            // steady pace, by LAG_SECS / age (a 429 a second after
+            // resuming means ~10% too fast, one after a minute barely)...
+            let mut edge = if lesson.estimate {
+                rate / (DOUBLING_LAG_SECS / DOUBLING_SECS).exp2()
+            } else {
+                // A probe ran over for about `probe_lag` before the
+                // burst was spent: the pace of then.
+                let sent_age = lesson.age(sent_at);
+                let before = lesson
+                    .rate_at(sent_age - lesson.probe_lag())
+                    .unwrap_or(rate);
+                (rate / (1.0 + LAG_SECS / age.max(LAG_SECS))).min(before)
+            };
+            // ...or what the server accepted over the last second, if
+            // less: a window server's limit, whatever was sent. Not while
+            // doubling: that second's average is the doubling's, not the
+            // server's.
+            if let Some(accepted) = accepted.filter(|_| !lesson.estimate) {
+                edge = edge.min(accepted);
+            }
+            // A paced key is no herd: it pauses only for the share of the
+            // wait its excess over the edge may have cost the server.
+            let pause = (pause as f64 * (1.0 - edge / rate).clamp(0.0, 1.0)) as u64;
+            (
+                Lesson {
+                    rate: edge.min(quota_rate),
+                    estimate: false,
+                    published: false,
+                    rough: lesson.estimate,
+                    // About the rate the last lesson found: hold it longer.
+                    settled: if !lesson.estimate
+                        && (edge - lesson.rate).abs() <= CONFIRMS * lesson.rate
+                    {
+                        lesson.settled + 1
+                    } else {
+                        0
+                    },
+                    tick: tick(now.saturating_add(pause)),
+                },
+                pause,
+            )
+        }
         None => {
-            let count = f64::from(admitted);
+            let count = f64::from(counts.since());
             if count < MIN_SAMPLE {
                 // Too few requests to tell a rate: the cool-down
                 // alone holds the key, and the count goes on.
-                return None;
+                return Verdict {
+                    state: None,
+                    pause,
+                    counted: true,
+                };
             }
             // The server let through at most `count` over the time
             // it was sent in, and at least that over the time plus
             // the pause it asked for: between the two, geometrically.
             let sent_in = age.max(TICK_SECS);
             let spread = sent_in + (pause as f64 / NANOS_PER_SEC).max(MIN_ESTIMATE_SECS);
-            Lesson {
-                rate: (count / (sent_in * spread).sqrt()).min(quota_rate),
-                estimate: true,
-                published: false,
-                tick: resume,
-            }
+            let first = count / (sent_in * spread).sqrt();
+            (
+                Lesson {
+                    rate: first.min(quota_rate),
+                    estimate: true,
+                    published: false,
+                    rough: false,
+                    settled: 0,
+                    tick: tick(now.saturating_add(pause)),
+                },
+                pause,
+            )
         }
     };
-    Some(
-        Lesson {
-            rate: learned.rate.max(MIN_RATE),
-            ..learned
-        }
-        .pack(),
-    )
+    let state = Lesson {
+        rate: learned.rate.max(MIN_RATE),
+        ..learned
+    }
+    .pack();
+    Verdict {
+        state: Some(state),
+        pause,
+        counted: true,
+    }
+}
+
+/// What a 429 does to its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// The key's pace state after it, if it taught a lesson.
+    pub(crate) state: Option<u64>,
+    /// Nanoseconds to pause the key from the 429 on.
+    pub(crate) pause: u64,
+    /// Whether the refused request was counted by the key's meter (sent
+    /// after its last lesson).
+    pub(crate) counted: bool,
 }
 
 /// How often a published policy that has not changed refreshes its
@@ -342,7 +520,7 @@ const PUBLISHED_REFRESH_SECS: f64 = 60.0;
 /// `quota_rate`; `None` if nothing changes.
 ///
 /// A published policy is a lesson that needs no 429: the key is paced at
-/// 99% of it at once (the plateau a lesson climbs to), sent evenly, so a
+/// 99% of it at once (`PUBLISHED_SHARE`), sent evenly, so a
 /// server counting in windows or a leaky bucket never sees a burst it did
 /// not announce. A later policy replaces it, and a first 429's rough
 /// estimate gives way to it; a pace the server's 429s taught that is
@@ -361,7 +539,7 @@ pub(crate) fn published(state: u64, now: u64, rate: f64, quota_rate: f64) -> Opt
             if same && age < PUBLISHED_REFRESH_SECS {
                 return None;
             }
-        } else if !lesson.estimate && current < rate * PLATEAU {
+        } else if !lesson.estimate && current < rate * PUBLISHED_SHARE {
             // A pace the 429s taught, slower than the policy: they know
             // better (another client may share the quota).
             return None;
@@ -374,6 +552,8 @@ pub(crate) fn published(state: u64, now: u64, rate: f64, quota_rate: f64) -> Opt
             rate,
             estimate: false,
             published: true,
+            rough: false,
+            settled: 0,
             tick: tick(now).wrapping_sub(climbed),
         }
         .pack(),
@@ -386,6 +566,11 @@ mod tests {
     use proptest::prelude::*;
 
     const SEC: u64 = 1_000_000_000;
+
+    /// The pace a 429 taught, if any.
+    fn learn(pace: &Pace, now: u64, sent_at: u64, pause: u64, quota_rate: f64) -> Option<f64> {
+        pace.throttled(now, sent_at, pause, quota_rate).0
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= b.abs() * 0.01
@@ -417,6 +602,8 @@ mod tests {
             rate: 30.0,
             estimate: false,
             published: false,
+            rough: false,
+            settled: 0,
             tick: tick(SEC),
         }
         .pack();
@@ -437,21 +624,22 @@ mod tests {
     fn the_first_429_estimates_over_the_time_and_the_pause() {
         let pace = Pace::new(0);
         for _ in 0..300 {
-            pace.admitted();
+            pace.admitted(0);
         }
         // 300 admitted in 2 s, and the server asks for 1 s more: between
         // 100/s (300 in 3 s) and 150/s (in 2 s), geometrically.
-        let rate = pace.throttled(2 * SEC, 2 * SEC, SEC, 1e9).unwrap();
+        let rate = learn(&pace, 2 * SEC, 2 * SEC, SEC, 1e9).unwrap();
         assert!(close(rate, 300.0 / 6f64.sqrt()), "{rate}");
         // Then, from the end of the pause, it doubles every 2 s until the
         // next 429.
         assert!(close(pace.rate(3 * SEC).unwrap(), rate));
-        assert!(close(pace.rate(5 * SEC).unwrap(), 2.0 * rate));
+        let doubled = 3 * SEC + (DOUBLING_SECS * 1e9) as u64;
+        assert!(close(pace.rate(doubled).unwrap(), 2.0 * rate));
         // Sent within a tick, with no pause: over a tick, and a tick and a
         // second.
         let pace = Pace::new(0);
         admit(&pace, 10);
-        let rate = pace.throttled(0, 0, 0, 1e9).unwrap();
+        let rate = learn(&pace, 0, 0, 0, 1e9).unwrap();
         let expected = 10.0 / (TICK_SECS * (TICK_SECS + 1.0)).sqrt();
         assert!(close(rate, expected), "{rate}");
     }
@@ -460,17 +648,17 @@ mod tests {
     fn too_few_requests_teach_nothing() {
         let pace = Pace::new(0);
         admit(&pace, 9);
-        assert_eq!(pace.throttled(SEC, SEC, 10 * SEC, 1e9), None);
+        assert_eq!(learn(&pace, SEC, SEC, 10 * SEC, 1e9), None);
         assert_eq!(pace.rate(SEC), None);
         // The count goes on: the tenth request makes an estimate.
         admit(&pace, 1);
-        let rate = pace.throttled(2 * SEC, 2 * SEC, 10 * SEC, 1e9).unwrap();
+        let rate = learn(&pace, 2 * SEC, 2 * SEC, 10 * SEC, 1e9).unwrap();
         assert!(close(rate, 10.0 / 24f64.sqrt()), "{rate}");
     }
 
     fn admit(pace: &Pace, n: u32) {
         for _ in 0..n {
-            pace.admitted();
+            pace.admitted(0);
         }
     }
 
@@ -482,88 +670,229 @@ mod tests {
     fn estimated() -> (Pace, f64) {
         let pace = Pace::new(0);
         admit(&pace, 100);
-        let rate = pace.throttled(0, 0, 0, 1e9).unwrap();
+        let rate = learn(&pace, 0, 0, 0, 1e9).unwrap();
         (pace, rate)
+    }
+
+    /// A pace learned from a 429 a second into the estimate's doubling
+    /// (no pause), at 1 s, and its rate.
+    fn taught() -> (Pace, f64) {
+        let (pace, _) = estimated();
+        admit(&pace, 10);
+        let rate = learn(&pace, SEC, SEC - SEC / 10, 0, 1e9).unwrap();
+        (pace, rate)
+    }
+
+    /// A steady (not rough) pace: a lesson at 3 s after the rough one, and
+    /// its time and rate.
+    fn steady() -> (Pace, u64, f64) {
+        let (pace, _) = taught();
+        admit(&pace, 10);
+        let at = 3 * SEC;
+        let rate = learn(&pace, at, at - SEC / 10, 0, 1e9).unwrap();
+        (pace, at, rate)
+    }
+
+    #[test]
+    fn a_confirmed_pace_holds_longer_and_a_rough_one_probes_at_once() {
+        let learned = |state: u64, at: u64| {
+            // 500 a second sent since the lesson, all accepted.
+            let from = u64::from(Lesson::unpack(state).tick) << TICK_SHIFT;
+            let mut counts = Counts::fresh(from);
+            for i in 0..(at - from) / (SEC / 500) {
+                counts = counts.sent(from + i * SEC / 500);
+            }
+            lesson(state, counts, at, at - 1, 0, 1e9).state.unwrap()
+        };
+        let first = Lesson {
+            rate: 500.0,
+            estimate: false,
+            published: false,
+            rough: false,
+            settled: 0,
+            tick: 0,
+        };
+        // A 429 while holding at 99.5% of 500: 2% under it, a confirmation.
+        let again = Lesson::unpack(learned(first.pack(), 4 * SEC));
+        assert_eq!(again.settled, 1);
+        assert!(close(
+            again.share(CLIMB_SECS + 2.0 * HOLD_SECS - 0.1),
+            PLATEAU
+        ));
+        let resumed = u64::from(again.tick) << TICK_SHIFT;
+        let settled = Lesson::unpack(learned(again.pack(), resumed + 4 * SEC));
+        assert_eq!(settled.settled, 2);
+        // One far off starts over.
+        let cut = Lesson {
+            rate: 2_000.0,
+            ..again
+        };
+        assert_eq!(Lesson::unpack(learned(cut.pack(), 10 * SEC)).settled, 0);
+        // A lesson that ends a doubling is rough: it probes after the climb,
+        // 15% a second.
+        let rough = Lesson {
+            rough: true,
+            ..first
+        };
+        let share = rough.share(CLIMB_SECS + ROUGH_PROBE_DOUBLING_SECS);
+        assert!(close(share, 2.0 * PLATEAU), "{share}");
+    }
+
+    #[test]
+    fn the_doubling_ends_at_the_pace_of_a_moment_before() {
+        let (pace, estimate) = estimated();
+        let at = SEC;
+        // Doubled twice in the second (less a tick's rounding)...
+        let met = pace.rate(at).unwrap();
+        assert!(close(met, estimate * 4.0 / 1.014), "{met} {estimate}");
+        // ...then taken back by DOUBLING_LAG_SECS.
+        admit(&pace, 10);
+        let (rate, pause) = pace.throttled(at, at - SEC / 10, SEC, 1e9);
+        let rate = rate.unwrap();
+        assert!(close_to(rate, met / 2f64.sqrt()), "{rate}");
+        // It pauses for the share of the 1 s it asked that was excess.
+        let share = 1.0 - 1.0 / 2f64.sqrt();
+        assert!(close_to(pause as f64, 1e9 * share), "{pause}");
     }
 
     #[test]
     fn later_429s_cut_climb_hold_and_probe() {
-        let (pace, estimate) = estimated();
-        let at = 10 * SEC;
-        let rate = pace.throttled(at, at - SEC / 10, 0, 1e9).unwrap();
-        // Doubled five times, less a 1% lag allowance for a 429 10 s in.
-        assert!(close_to(rate, estimate * 32.0 / 1.01), "{rate}");
+        let (pace, at, rate) = steady();
+        let lesson = Lesson::unpack(pace.state.load(Ordering::Relaxed));
+        assert!(!lesson.rough && !lesson.estimate);
+        let hold = HOLD_SECS * f64::from(1u32 << lesson.settled);
         let share = |s: f64| pace.rate(at + (s * 1e9) as u64).unwrap() / rate;
         assert!(close(share(0.0), CUT));
-        assert!(close(share(1.0), (CUT + PLATEAU) / 2.0));
-        assert!(close(share(2.0), PLATEAU));
-        assert!(close(share(PROBE_AFTER_SECS - 1.0), PLATEAU));
-        assert!(close(share(PROBE_AFTER_SECS + 10.0), PLATEAU + 0.01));
+        assert!(close(share(CLIMB_SECS / 2.0), (CUT + PLATEAU) / 2.0));
+        assert!(close(share(CLIMB_SECS), PLATEAU));
+        assert!(close(share(CLIMB_SECS + hold - 0.1), PLATEAU));
+        let probed = CLIMB_SECS + hold + PROBE_DOUBLING_SECS;
+        assert!(close(share(probed), 2.0 * PLATEAU));
         assert_eq!(pace.rate(at + (FORGET_SECS as u64 + 1) * SEC), None);
     }
 
     #[test]
     fn a_429_soon_after_resuming_cuts_deeper() {
-        let (soon, _) = estimated();
-        let (late, _) = estimated();
-        // Same pace met (the estimate, doubled once), at 2 s vs 60 s:
-        // what the server's burst may have hidden is 5% vs 0.17%.
+        let (soon, at, _) = steady();
+        let (late, _, _) = steady();
+        // A 429 at 2 s vs 5.5 s after the lesson (before any probe): what
+        // the server's burst may have hidden is 5% vs 1.8% of the pace met.
         let met = |pace: &Pace, at: u64| pace.rate(at).unwrap();
-        let at_soon = met(&soon, 2 * SEC);
-        let cut_soon = soon.throttled(2 * SEC, SEC, 0, 1e9).unwrap() / at_soon;
+        let at_soon = at + 2 * SEC;
+        let met_soon = met(&soon, at_soon);
+        admit(&soon, 10);
+        let cut_soon = learn(&soon, at_soon, at_soon - 1, 0, 1e9).unwrap() / met_soon;
         assert!(close_to(cut_soon, 1.0 / 1.05), "{cut_soon}");
-        let at_late = met(&late, 60 * SEC);
-        let cut_late = late.throttled(60 * SEC, SEC, 0, f64::MAX).unwrap() / at_late;
-        assert!(close_to(cut_late, 1.0 / (1.0 + 0.1 / 60.0)), "{cut_late}");
+        let at_late = at + 5 * SEC + SEC / 2;
+        let met_late = met(&late, at_late);
+        admit(&late, 10);
+        let cut_late = learn(&late, at_late, at_late - 1, 0, f64::MAX).unwrap() / met_late;
+        assert!(close_to(cut_late, 1.0 / (1.0 + 0.1 / 5.5)), "{cut_late}");
+    }
+
+    #[test]
+    fn what_the_server_accepted_caps_the_lesson() {
+        let (pace, _) = taught();
+        // From the lesson on, 500 requests a second for 1.5 s, all
+        // accepted (fewer than the pace allows), then a 429.
+        let mut now = SEC;
+        for i in 0..750 {
+            now = SEC + i * SEC / 500;
+            pace.admitted(now);
+        }
+        let met = pace.rate(now).unwrap();
+        assert!(met > 1_000.0, "{met}");
+        let (learned, pause) = pace.throttled(now, now - 1, SEC, 1e9);
+        let learned = learned.unwrap();
+        // What the server accepted over the last second, not the pace met
+        // less a lag allowance...
+        assert!((learned - 500.0).abs() < 25.0, "{learned}");
+        // ...pausing for the excess's share of the second asked for.
+        assert!(close(pause as f64, 1e9 * (1.0 - learned / met)), "{pause}");
+        // A second earlier there was not a window's worth to tell from.
+        let (early, _) = taught();
+        for i in 0..400 {
+            early.admitted(SEC + i * SEC / 500);
+        }
+        let at = SEC + 400 * SEC / 500;
+        let met = early.rate(at).unwrap();
+        let learned = learn(&early, at, at - 1, 0, 1e9).unwrap();
+        assert!(learned > 0.5 * met, "{learned} {met}");
     }
 
     #[test]
     fn the_climb_starts_when_the_pause_ends() {
-        let (pace, _) = estimated();
-        let rate = pace.throttled(4 * SEC, 3 * SEC, 10 * SEC, 1e9).unwrap();
-        // Held at the cut through the 10 s pause, then climbing.
-        assert!(close(pace.rate(5 * SEC).unwrap(), CUT * rate));
-        assert!(close(pace.rate(14 * SEC).unwrap(), CUT * rate));
-        assert!(close(pace.rate(16 * SEC).unwrap(), PLATEAU * rate));
+        let (pace, rate) = taught();
+        let at = 4 * SEC;
+        let met = pace.rate(at).unwrap();
+        admit(&pace, 10);
+        let (learned, pause) = pace.throttled(at, 3 * SEC, 10 * SEC, 1e9);
+        let learned = learned.unwrap();
+        let resume = at + pause;
+        assert!(pause > 0 && pause < 10 * SEC, "{pause}");
+        assert!(learned < met && learned > 0.5 * rate);
+        // Held at the cut through the pause, then climbing.
+        assert!(close(pace.rate(at + 1).unwrap(), CUT * learned));
+        assert!(close(pace.rate(resume).unwrap(), CUT * learned));
+        let climbed = resume + (CLIMB_SECS * 1e9) as u64 + SEC / 10;
+        assert!(close(pace.rate(climbed).unwrap(), PLATEAU * learned));
         // Requests sent during the pause would be of the same episode.
-        assert_eq!(pace.throttled(15 * SEC, 13 * SEC, 0, 1e9), None);
-        assert!(pace
-            .throttled(15 * SEC, 14 * SEC + SEC / 10, 0, 1e9)
-            .is_some());
+        assert_eq!(learn(&pace, resume, resume - 1, 0, 1e9), None);
+        // Sent after it, but too soon after resuming to teach: the server
+        // is still in the last episode, and the key waits a quarter more.
+        let soon = resume + SEC / 20;
+        let (learned, pause) = pace.throttled(soon, soon - 1, SEC, 1e9);
+        assert_eq!((learned, pause), (None, SEC / 4));
+        assert!(learn(&pace, climbed, climbed - 1, 0, 1e9).is_some());
+    }
+
+    #[test]
+    fn a_herd_waits_the_whole_pause_a_paced_key_a_share() {
+        let pace = Pace::new(0);
+        admit(&pace, 100);
+        // The first 429 (no pace yet): all of it.
+        assert_eq!(pace.throttled(SEC, SEC, 3 * SEC, 1e9).1, 3 * SEC);
+        // Too few requests for an estimate: all of it too.
+        let fresh = Pace::new(0);
+        assert_eq!(fresh.throttled(SEC, SEC, 3 * SEC, 1e9), (None, 3 * SEC));
+        // The same episode: nothing more.
+        assert_eq!(pace.throttled(SEC, SEC, 3 * SEC, 1e9), (None, 0));
     }
 
     #[test]
     fn one_lesson_per_episode() {
         let pace = Pace::new(0);
         admit(&pace, 10);
-        assert!(pace.throttled(5 * SEC, 4 * SEC, 0, 1e9).is_some());
+        assert!(learn(&pace, 5 * SEC, 4 * SEC, 0, 1e9).is_some());
         // The crowd sent before that lesson: no new lesson.
-        assert_eq!(pace.throttled(6 * SEC, 4 * SEC, 0, 1e9), None);
-        assert_eq!(pace.throttled(6 * SEC, 5 * SEC, 0, 1e9), None);
-        // A request sent after it: a new lesson.
-        assert!(pace.throttled(7 * SEC, 6 * SEC, 0, 1e9).is_some());
+        assert_eq!(learn(&pace, 6 * SEC, 4 * SEC, 0, 1e9), None);
+        assert_eq!(learn(&pace, 6 * SEC, 5 * SEC, 0, 1e9), None);
+        // A request sent after it: a new lesson, once enough went.
+        admit(&pace, 10);
+        assert!(learn(&pace, 7 * SEC, 6 * SEC, 0, 1e9).is_some());
     }
 
     #[test]
     fn the_quota_caps_what_is_learned() {
         let pace = Pace::new(0);
         for _ in 0..10_000 {
-            pace.admitted();
+            pace.admitted(0);
         }
-        assert_eq!(pace.throttled(0, 0, 0, 50.0), Some(50.0));
-        assert_eq!(pace.throttled(SEC, SEC, 0, 20.0), Some(20.0));
+        assert_eq!(learn(&pace, 0, 0, 0, 50.0), Some(50.0));
+        admit(&pace, 10);
+        assert_eq!(learn(&pace, SEC, SEC, 0, 20.0), Some(20.0));
     }
 
     #[test]
     fn a_forgotten_pace_is_learned_afresh() {
         let pace = Pace::new(0);
         admit(&pace, 10);
-        pace.throttled(0, 0, 0, 1e9).unwrap();
+        learn(&pace, 0, 0, 0, 1e9).unwrap();
         let later = (FORGET_SECS as u64 + 10) * SEC;
         assert_eq!(pace.rate(later), None);
         admit(&pace, 10);
         // The next 429 is a first estimate again, even if "sent before".
-        assert!(pace.throttled(later, 0, 0, 1e9).is_some());
+        assert!(learn(&pace, later, 0, 0, 1e9).is_some());
         assert!(Lesson::unpack(pace.state.load(Ordering::Relaxed)).estimate);
     }
 
@@ -579,9 +908,9 @@ mod tests {
             let pace = Pace::new(0);
             for (now, sent_at, pause, admitted) in arrivals {
                 for _ in 0..admitted % 1_000 {
-                    pace.admitted();
+                    pace.admitted(0);
                 }
-                if let Some(rate) = pace.throttled(now, sent_at, pause, quota_rate) {
+                if let Some(rate) = learn(&pace, now, sent_at, pause, quota_rate) {
                     prop_assert!(rate.is_finite());
                     prop_assert!(rate >= MIN_RATE.min(quota_rate) * 0.999);
                     prop_assert!(rate <= quota_rate.max(MIN_RATE) * 1.001);

@@ -13,6 +13,7 @@ use ::redis::{RedisError, Script, Value};
 use super::script::{Malformed, Outcome, Reply};
 use super::RedisStore;
 use crate::rate_limit::bucket::Gcra;
+use crate::rate_limit::meter::Counts;
 use crate::rate_limit::pace;
 
 /// How often a process in an outage asks Redis again.
@@ -400,11 +401,16 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
             // Without the stored state (this process never heard of the
             // key), only the pause is stored; the reply brings the state.
             let heard = self.last_heard(key);
-            let lesson = match (heard, sent_at) {
+            // A paced connection pauses for the excess's share only (see
+            // `pace::lesson`); the store keeps only the admissions since
+            // the lesson, not what the server accepted.
+            let (lesson, pause) = match (heard, sent_at) {
                 (Some((state, n)), Some(sent_at)) if self.learn_rate => {
-                    pace::lesson(state, n, now_ns, sent_at, pause, quota_rate)
+                    let counts = Counts::admitted(n);
+                    let verdict = pace::lesson(state, counts, now_ns, sent_at, pause, quota_rate);
+                    (verdict.state, verdict.pause)
                 }
-                _ => None,
+                _ => (None, pause),
             };
             let before = self.gcra(heard.map(|(state, _)| state), now);
             let after = self.gcra(lesson.or(heard.map(|(state, _)| state)), now);

@@ -124,8 +124,13 @@ where
                             Stop::NotReplayable
                         })
                     } else {
-                        next_delay(this.delays, &outcome, config.max_retry_after)
-                            .and_then(|delays| within(*this.deadline, delays))
+                        next_delay(
+                            this.delays,
+                            &outcome,
+                            config.max_retry_after,
+                            config.retry_after_alone,
+                        )
+                        .and_then(|delays| within(*this.deadline, delays))
                     };
                     let (delay, policy, server) = match stop {
                         Ok(delays) => delays,
@@ -189,11 +194,13 @@ where
 /// `(delay, policy delay, server's Retry-After)` for the next retry.
 type Delay = (Duration, Duration, Option<Duration>);
 
-/// The wait before the next retry: `max(policy, Retry-After)`.
+/// The wait before the next retry: `max(policy, Retry-After)`, or the
+/// `Retry-After` alone if `alone` and there is one.
 fn next_delay(
     delays: &mut Delays,
     outcome: &Outcome<'_>,
     max_retry_after: Duration,
+    alone: bool,
 ) -> Result<Delay, Stop> {
     let policy = delays.next().ok_or(Stop::RetriesSpent)?;
     let server = match outcome {
@@ -205,6 +212,7 @@ fn next_delay(
             tracing::debug!(target: "tollgate::retry", retry_after = ?asked, ?max_retry_after, "server asked for longer than max_retry_after");
             Err(Stop::RetryAfterTooLong)
         }
+        Some(asked) if alone => Ok((asked, policy, server)),
         _ => Ok((policy.max(server.unwrap_or(Duration::ZERO)), policy, server)),
     }
 }

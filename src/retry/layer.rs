@@ -25,6 +25,7 @@ pub struct RetryLayer<C = DefaultClassify> {
     pub(super) backoff: Backoff,
     pub(super) max_retry_after: Duration,
     pub(super) deadline: Option<Duration>,
+    pub(super) retry_after_alone: bool,
     pub(super) classify: C,
 }
 
@@ -45,6 +46,7 @@ impl RetryLayer {
             backoff,
             max_retry_after: Self::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
+            retry_after_alone: false,
             classify: DefaultClassify::new(),
         }
     }
@@ -78,6 +80,23 @@ impl<C> RetryLayer<C> {
         self
     }
 
+    /// Whether a response that carries a `Retry-After` is retried after
+    /// that wait alone, not `max(backoff delay, Retry-After)` (default
+    /// `false`).
+    ///
+    /// For a retry layer above a [`RateLimit`](crate::RateLimit), as in the
+    /// [`Tollgate`](crate::Tollgate) stack, which turns it on: there the 429
+    /// pauses and paces the whole connection, and the retry passes that
+    /// connection's bucket like every request, so the server's wait is
+    /// kept and the retries are spread; the backoff's own delay (5 to 7.5 s
+    /// for the first retry of [`Backoff::power_automate`]) would only leave
+    /// the request idle after its connection is sending again. Responses
+    /// without `Retry-After`, and errors, still wait the backoff's delay.
+    pub fn retry_after_alone(mut self, alone: bool) -> Self {
+        self.retry_after_alone = alone;
+        self
+    }
+
     /// Replaces the rule deciding which outcomes retry: a [`Classify`], such
     /// as a closure `Fn(&Method, &Outcome<'_>) -> bool`.
     pub fn classify<D: Classify>(self, classify: D) -> RetryLayer<D> {
@@ -85,6 +104,7 @@ impl<C> RetryLayer<C> {
             backoff: self.backoff,
             max_retry_after: self.max_retry_after,
             deadline: self.deadline,
+            retry_after_alone: self.retry_after_alone,
             classify,
         }
     }
@@ -101,6 +121,7 @@ impl<C> fmt::Debug for RetryLayer<C> {
             .field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
+            .field("retry_after_alone", &self.retry_after_alone)
             .field("classify", &std::any::type_name::<C>())
             .finish()
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+pub mod servers;
 
 use std::future::Future;
 use std::pin::Pin;
