@@ -191,6 +191,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     ) -> Option<f64> {
         let pause = retry_after.map_or(0, nanos);
         self.throttled_at(key, self.now(), self.epoch.at(sent_at), pause)
+            .0
     }
 
     /// The pace `key` is held to now, in requests per second, if its
@@ -249,8 +250,15 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     }
 
     /// [`throttled`](Buckets::throttled) in the store's nanoseconds, with
-    /// `pause` nanoseconds (zero: none).
-    pub(crate) fn throttled_at(&self, key: &K, now: u64, sent_at: u64, pause: u64) -> Option<f64> {
+    /// `pause` nanoseconds asked for (zero: none); also returns the pause
+    /// applied (a paced key pauses for the excess's share only).
+    pub(crate) fn throttled_at(
+        &self,
+        key: &K,
+        now: u64,
+        sent_at: u64,
+        pause: u64,
+    ) -> (Option<f64>, u64) {
         let quota_rate = 1e9 / self.gcra.interval() as f64;
         self.with_entry(key, now, |entry| {
             let had_pace = entry.pace.rate(now).is_some();
@@ -264,7 +272,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 let until = now.saturating_add(pause);
                 entry.tat.pause(&entry.gcra(&self.gcra, now), until);
             }
-            learned
+            (learned, pause)
         })
     }
 

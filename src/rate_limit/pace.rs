@@ -545,8 +545,7 @@ pub(crate) fn published(state: u64, now: u64, rate: f64, quota_rate: f64) -> Opt
             return None;
         }
     }
-    // Dated as if it had climbed already: the plateau from now on.
-    let climbed = (CLIMB_SECS / TICK_SECS).ceil() as u32;
+    // Its share is the same at any age (see `Lesson::share`): no climb.
     Some(
         Lesson {
             rate,
@@ -554,7 +553,7 @@ pub(crate) fn published(state: u64, now: u64, rate: f64, quota_rate: f64) -> Opt
             published: true,
             rough: false,
             settled: 0,
-            tick: tick(now).wrapping_sub(climbed),
+            tick: tick(now),
         }
         .pack(),
     )

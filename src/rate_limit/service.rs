@@ -334,13 +334,14 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
             return;
         };
         let now = buckets.now();
-        let learned = if self.learn_rate && throttled {
-            buckets.throttled_at(key, now, sent_at, nanos(pause))
+        let (learned, pause) = if self.learn_rate && throttled {
+            let (learned, applied) = buckets.throttled_at(key, now, sent_at, nanos(pause));
+            (learned, Duration::from_nanos(applied))
         } else {
             if !pause.is_zero() {
                 buckets.pause(key, pause);
             }
-            None
+            (None, pause)
         };
         if counted {
             self.throttled(key, status, asked, pause, learned);
