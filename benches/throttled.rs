@@ -1,5 +1,5 @@
 //! The "throttled to death" simulation: a million CRM leads pushed over 2
-//! connections into a server that allows each connection 500 requests a
+//! connections into a server that allows each connection 100 requests a
 //! second, by three clients side by side, in virtual time.
 //!
 //! ```text
@@ -13,12 +13,13 @@
 //! seeds, and the runtime has one thread. The same binary prints the same
 //! table every run.
 //!
-//! The server: per connection (the URI's host, `crm-0` or `crm-1`) a GCRA
-//! bucket of 500 requests a second with a burst of 10, checked when a
-//! request arrives after a one-way network delay of 1-5 ms; 20 ms of work
-//! for an accepted request; over the limit, `429` at once with
-//! `Retry-After` in whole seconds (rounded up, at least 1), as most servers
-//! send it.
+//! The server (`tests/common/servers.rs`, shared with `tests/learning.rs`):
+//! per connection (the URI's host, `crm-0` or `crm-1`) a GCRA bucket of
+//! 100 requests a second with a burst of 10, or fixed one-second windows of
+//! 100, checked when a request arrives after a one-way network delay of
+//! 1-5 ms; 20 ms of work for an accepted request; over the limit, `429` at
+//! once with `Retry-After` in whole seconds (rounded up, at least 1), as
+//! most servers send it.
 //!
 //! The clients, each fed the way its users feed it:
 //! - **naive**: a Power Automate "apply to each" of degree 50; each branch
@@ -36,22 +37,23 @@
 //! - **tollgate, no quota**: the same without a quota: only the server's
 //!   429s (each pausing its connection for `Retry-After`) hold it back.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 mod common;
+// The simulated servers of tests/learning.rs; this bench uses two kinds.
+#[allow(dead_code)]
+#[path = "../tests/common/servers.rs"]
+mod servers;
 
 use common::{mix, TowerPolicy, RETRIES};
 use futures_util::stream::{self, StreamExt};
 use http::{Request, Response, StatusCode};
+use servers::{Kind, Server, Timing};
 use tokio::time::Instant;
 use tollgate::rate_limit::ByConnection;
 use tollgate::{Backoff, ConcurrencyGateLayer, Quota, RateLimitLayer, ServiceBuilderExt, Tollgate};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 
 const CONNECTIONS: u64 = 2;
 /// Requests a second each connection may make.
@@ -60,119 +62,13 @@ const SERVER_BURST: u64 = 10;
 const WORK: Duration = Duration::from_millis(20);
 const PARALLELISM: usize = 50;
 
-#[derive(Default)]
-struct ServerCounts {
-    arrivals: AtomicU64,
-    accepted: AtomicU64,
-    throttled: AtomicU64,
-}
-
-/// How the server counts.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Limit {
-    /// A token bucket (GCRA): 100 a second, a burst of 10. `Retry-After`
-    /// is the wait for the next token, rounded up to whole seconds.
-    TokenBucket,
-    /// 100 requests in each fixed one-second window (counted from the
-    /// server's start). `Retry-After` is the time to the window's end,
-    /// rounded up: exact, as in Power Platform's or GitHub's reset times.
-    FixedWindow,
-}
-
-struct ServerState {
-    limit: Limit,
-    started: Instant,
-    /// Per connection, GCRA's theoretical arrival time in ns since `started`.
-    tat: [Mutex<u64>; CONNECTIONS as usize],
-    counts: ServerCounts,
-}
-
-impl ServerState {
-    /// `None` to accept, or the `Retry-After` seconds to answer with.
-    fn admit(&self, connection: usize) -> Option<u64> {
-        const SECOND: u64 = 1_000_000_000;
-        const INTERVAL: u64 = SECOND / CAPACITY;
-        const TOLERANCE: u64 = (SERVER_BURST - 1) * INTERVAL;
-        let now = self.started.elapsed().as_nanos() as u64;
-        let mut tat = self.tat[connection].lock().unwrap();
-        if self.limit == Limit::FixedWindow {
-            // `tat` holds (window << 32) | requests in it.
-            let window = now / SECOND;
-            if *tat >> 32 != window {
-                *tat = window << 32;
-            }
-            if *tat & u64::from(u32::MAX) >= CAPACITY {
-                return Some(((window + 1) * SECOND - now).div_ceil(SECOND));
-            }
-            *tat += 1;
-            return None;
-        }
-        let allowed_at = tat.saturating_sub(TOLERANCE);
-        if now < allowed_at {
-            let wait = allowed_at - now;
-            return Some(wait.div_ceil(1_000_000_000).max(1));
-        }
-        *tat = (*tat).max(now) + INTERVAL;
-        None
-    }
-}
-
-/// The simulated server as a `tower::Service`; the request's body is the
-/// lead's number.
-#[derive(Clone)]
-struct Server(Arc<ServerState>);
-
-impl Server {
-    fn new(limit: Limit) -> Self {
-        Server(Arc::new(ServerState {
-            limit,
-            started: Instant::now(),
-            tat: Default::default(),
-            counts: ServerCounts::default(),
-        }))
-    }
-
-    fn count(&self, counter: fn(&ServerCounts) -> &AtomicU64) -> u64 {
-        counter(&self.0.counts).load(Ordering::Relaxed)
-    }
-}
-
-type Answer = Pin<Box<dyn Future<Output = Result<Response<()>, tower::BoxError>> + Send>>;
-
-impl Service<Request<u64>> for Server {
-    type Response = Response<()>;
-    type Error = tower::BoxError;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<u64>) -> Answer {
-        let state = Arc::clone(&self.0);
-        let connection = usize::from(request.uri().host() == Some("crm-1"));
-        let arrival = state.counts.arrivals.fetch_add(1, Ordering::Relaxed);
-        let network = Duration::from_millis(1 + mix(arrival) % 5);
-        Box::pin(async move {
-            tokio::time::sleep(network).await;
-            let mut response = Response::new(());
-            match state.admit(connection) {
-                None => {
-                    tokio::time::sleep(WORK).await;
-                    state.counts.accepted.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(retry_after) => {
-                    state.counts.throttled.fetch_add(1, Ordering::Relaxed);
-                    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                    response
-                        .headers_mut()
-                        .insert("retry-after", retry_after.into());
-                }
-            }
-            Ok(response)
-        })
-    }
-}
+/// The bench's network and server: 1-5 ms to the server, 20 ms of work,
+/// the answer back at once.
+const TIMING: Timing = Timing {
+    there: |arrival| Duration::from_millis(1 + mix(arrival) % 5),
+    work: WORK,
+    back: |_| Duration::ZERO,
+};
 
 fn lead(n: u64) -> Request<u64> {
     Request::post(format!("http://crm-{}/leads", n % CONNECTIONS))
@@ -298,7 +194,7 @@ struct Run {
     real_time: std::time::Duration,
 }
 
-fn simulate(limit: Limit, client: Client, leads: u64) -> Run {
+fn simulate(limit: Kind, client: Client, leads: u64) -> Run {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -306,7 +202,10 @@ fn simulate(limit: Limit, client: Client, leads: u64) -> Run {
         .expect("a runtime");
     let real = std::time::Instant::now();
     let (tally, server, virtual_time) = runtime.block_on(async {
-        let (tally, server) = (Tally::default(), Server::new(limit));
+        let (tally, server) = (
+            Tally::default(),
+            Server::with_timing(limit, CAPACITY, TIMING),
+        );
         let started = Instant::now();
         match client {
             Client::Naive => naive(leads, &tally, &server).await,
@@ -348,8 +247,8 @@ fn main() {
         Client::TollgateWithoutCoolDown,
     ];
     for (limit, how) in [
-        (Limit::TokenBucket, "a token bucket (burst 10); Retry-After: the next token's wait, rounded up to whole seconds"),
-        (Limit::FixedWindow, "fixed one-second windows; Retry-After: the seconds left in the window"),
+        (Kind::TokenBucket { burst: SERVER_BURST }, "a token bucket (burst 10); Retry-After: the next token's wait, rounded up to whole seconds"),
+        (Kind::FixedWindow, "fixed one-second windows; Retry-After: the seconds left in the window"),
     ] {
         println!(
             "\n{leads} leads over {CONNECTIONS} connections; the server allows {CAPACITY}/s per connection in {how}; \
@@ -376,15 +275,15 @@ fn report(client: Client, run: Run, leads: u64) {
         "{}: a lead was lost",
         client.name()
     );
-    assert_eq!(succeeded, run.server.count(|c| &c.accepted));
-    let attempts = run.server.count(|c| &c.arrivals);
+    assert_eq!(succeeded, run.server.accepted());
+    let attempts = run.server.arrivals();
     let seconds = run.virtual_time.as_secs_f64();
     let goodput = succeeded as f64 / ((CAPACITY * CONNECTIONS) as f64 * seconds);
     println!(
         "| {} | {succeeded} | {failed} | {refused} | {:.3} | {} | {:.1} s | {goodput:.3} | {:.1?} |",
         client.name(),
         attempts as f64 / succeeded.max(1) as f64,
-        run.server.count(|c| &c.throttled),
+        run.server.throttled(),
         seconds,
         run.real_time,
     );

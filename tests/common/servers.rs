@@ -1,11 +1,11 @@
 //! Simulated throttling servers, in virtual time: the four ways servers
 //! count that issue 14 names, each as a `tower::Service`.
 //!
-//! Per connection (the request's `ConnectionKey`, named by its URI's host
-//! here: `crm-0`, `crm-1`, ...) the server allows `rate` requests a second;
-//! a request arrives after a one-way network delay and, accepted, takes
-//! `work` to answer. Over the limit, `429` at once, with the `Retry-After`
-//! its kind sends.
+//! Per connection (named by the request URI's host: `crm-0`, `crm-1`, ...)
+//! the server allows `rate` requests a second; a request arrives after a
+//! network delay and, accepted, takes some work to answer ([`Timing`]).
+//! Over the limit, `429` at once, with the `Retry-After` its kind sends.
+//! `tests/learning.rs` and `benches/throttled.rs` share it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,19 +36,36 @@ pub enum Kind {
     /// `rate` requests in each fixed one-second window; `Retry-After` is the
     /// time to the window's end, rounded up to whole seconds.
     FixedWindow,
-    /// A token bucket (GCRA) with `burst`; `Retry-After` is the wait for the
-    /// next token, rounded up to whole seconds (so "1" for a few ms).
+    /// A token bucket (GCRA) of `burst` tokens; `Retry-After` is the wait
+    /// for the next token, rounded up to whole seconds (so "1" for a few
+    /// ms).
     TokenBucket { burst: u64 },
 }
 
-impl Kind {
-    /// The four kinds with the bursts the benches use.
-    pub const ALL: [Kind; 4] = [
-        Kind::LeakyBucket { burst: 20 },
-        Kind::SlidingWindow,
-        Kind::FixedWindow,
-        Kind::TokenBucket { burst: 10 },
-    ];
+/// How long a request takes, by the number of its arrival at the server
+/// (so that every run is the same).
+#[derive(Clone, Copy)]
+pub struct Timing {
+    /// From the client to the server.
+    pub there: fn(u64) -> Duration,
+    /// The server's work on an accepted request.
+    pub work: Duration,
+    /// From the server back to the client.
+    pub back: fn(u64) -> Duration,
+}
+
+impl Timing {
+    /// A LAN: 1-2 ms each way, 5 ms of work.
+    pub const LAN: Timing = Timing {
+        there: lan,
+        work: Duration::from_millis(5),
+        back: lan,
+    };
+}
+
+/// 1-2 ms, varying by arrival.
+fn lan(arrival: u64) -> Duration {
+    Duration::from_millis(1) + Duration::from_micros(arrival.wrapping_mul(0x9E37_79B9) % 1_000)
 }
 
 /// What one connection's counter holds.
@@ -64,17 +81,16 @@ struct Counter {
 
 /// Counts kept by a [`Server`].
 #[derive(Default, Debug)]
-pub struct Counts {
-    pub arrivals: AtomicU64,
-    pub accepted: AtomicU64,
-    pub throttled: AtomicU64,
+struct Counts {
+    arrivals: AtomicU64,
+    accepted: AtomicU64,
+    throttled: AtomicU64,
 }
 
 struct State {
     kind: Kind,
     rate: u64,
-    network: Duration,
-    work: Duration,
+    timing: Timing,
     started: Instant,
     counters: Mutex<Vec<Counter>>,
     counts: Counts,
@@ -92,8 +108,12 @@ impl State {
         let counter = &mut counters[connection];
         match self.kind {
             Kind::LeakyBucket { burst } | Kind::TokenBucket { burst } => {
-                // GCRA: `burst` requests beyond the one the rate allows.
-                let tolerance = burst * interval;
+                // GCRA: nginx lets `burst` requests through beyond the one
+                // the rate allows; a bucket of `burst` tokens, `burst` in all.
+                let tolerance = match self.kind {
+                    Kind::LeakyBucket { .. } => burst * interval,
+                    _ => burst.saturating_sub(1) * interval,
+                };
                 let allowed_at = counter.at.saturating_sub(tolerance);
                 if now < allowed_at {
                     return Some(match self.kind {
@@ -137,31 +157,35 @@ impl State {
 pub struct Server(Arc<State>);
 
 impl Server {
-    /// A server of `kind` allowing `rate` requests a second per connection.
+    /// A server of `kind` allowing `rate` requests a second per connection,
+    /// on a LAN.
     pub fn new(kind: Kind, rate: u64) -> Self {
+        Self::with_timing(kind, rate, Timing::LAN)
+    }
+
+    /// The same with its own `timing`.
+    pub fn with_timing(kind: Kind, rate: u64, timing: Timing) -> Self {
         Server(Arc::new(State {
             kind,
             rate,
-            network: Duration::from_millis(1),
-            work: Duration::from_millis(5),
+            timing,
             started: Instant::now(),
             counters: Mutex::default(),
             counts: Counts::default(),
         }))
     }
 
-    pub fn counts(&self) -> &Counts {
-        &self.0.counts
-    }
-
+    /// Requests accepted so far.
     pub fn accepted(&self) -> u64 {
         self.0.counts.accepted.load(Ordering::Relaxed)
     }
 
+    /// Requests answered 429 so far.
     pub fn throttled(&self) -> u64 {
         self.0.counts.throttled.load(Ordering::Relaxed)
     }
 
+    /// Requests that reached the server so far.
     pub fn arrivals(&self) -> u64 {
         self.0.counts.arrivals.load(Ordering::Relaxed)
     }
@@ -187,15 +211,13 @@ impl<B> tower::Service<Request<B>> for Server {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let arrival = state.counts.arrivals.fetch_add(1, Ordering::Relaxed);
-        // 1-2 ms each way, varying by arrival.
-        let jitter = Duration::from_micros(arrival.wrapping_mul(0x9E37_79B9) % 1_000);
-        let network = state.network + jitter;
+        let Timing { there, work, back } = state.timing;
         Box::pin(async move {
-            tokio::time::sleep(network).await;
+            tokio::time::sleep(there(arrival)).await;
             let mut response = Response::new(());
             match state.admit(connection) {
                 None => {
-                    tokio::time::sleep(state.work).await;
+                    tokio::time::sleep(work).await;
                     state.counts.accepted.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(retry_after) => {
@@ -206,7 +228,10 @@ impl<B> tower::Service<Request<B>> for Server {
                         .insert("retry-after", retry_after.into());
                 }
             }
-            tokio::time::sleep(network).await;
+            let back = back(arrival);
+            if !back.is_zero() {
+                tokio::time::sleep(back).await;
+            }
             Ok(response)
         })
     }
