@@ -70,12 +70,15 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
 ///
-/// Without a quota, the server's 429s hold each connection back: each
-/// pauses it for `Retry-After` and teaches it a pace just under the rate
-/// that earned it (see [`RateLimitLayer::learn_rate`]), which reaches
-/// 0.98-0.99 of the server's capacity in `benches/throttled.rs`. The
-/// quota the API documents, when there is one, does better still: no 429
-/// to learn from, 1.00 of capacity.
+/// Without a quota, the server's 429s hold each connection back: the first
+/// pauses it for `Retry-After`, and each teaches it a pace just under the
+/// rate the server lets through (see [`RateLimitLayer::learn_rate`]),
+/// which holds 0.98-0.99 of the server's capacity over a million leads in
+/// `benches/throttled.rs`. Learning costs most in a short batch: against
+/// real servers (nginx, HAProxy; `BENCHMARKS.md`) a 5-second import
+/// reaches 0.78-0.91 of capacity and a 30-second one 0.93-0.94. The quota
+/// the API documents, when there is one, does better: no 429 to learn
+/// from, 1.00 of capacity from the first second.
 #[derive(Clone)]
 pub struct TollgateBuilder<F = ByConnection> {
     parallelism: usize,

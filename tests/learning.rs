@@ -113,6 +113,6 @@ async fn fixed_windows() {
 
 #[tokio::test(start_paused = true)]
 async fn a_token_bucket_rounding_retry_after_up() {
-    // 0.733 and 0.932.
+    // 0.726 and 0.928.
     reaches(Kind::TokenBucket { burst: 10 }, 0.72, 0.92).await;
 }
