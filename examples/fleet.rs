@@ -45,8 +45,8 @@
 //! at the end of one window that arrives in the next, and that one pauses
 //! its connection for the whole fleet until `Retry-After`. Without a quota
 //! the fleet's first requests go unpaced, and its pace comes from the 429s
-//! they earn. Each 429's retry, 5 s or more later, can also be what the
-//! slowest worker is waiting for at the end.
+//! they earn. Each 429's retry, its `Retry-After` later, can also be what
+//! the slowest worker is waiting for at the end.
 //!
 //! With `TOLLGATE_SERVER=http://127.0.0.1:port` the workers import into
 //! that server instead (HTTP/1.1), and the 429s are the ones they saw:
