@@ -79,7 +79,10 @@
 //! and overload is refused at the door, at once, with a typed error. Every
 //! attempt passes its connection's bucket, so retries spend quota like
 //! first tries. A 429 with `Retry-After` on one request pauses its whole
-//! connection, instead of each request earning its own 429. Build it with
+//! connection, instead of each request earning its own 429, and teaches
+//! the connection a pace; so in this stack a throttled request retries
+//! after the server's `Retry-After` alone, its connection spacing it
+//! ([`TollgateBuilder::retry_after_alone`]). Build it with
 //! [`Tollgate::builder`] or [`ServiceBuilderExt`]; each layer also stands
 //! alone.
 //!
