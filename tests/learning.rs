@@ -68,8 +68,8 @@ async fn import(kind: Kind, seconds: u64) -> Outcome {
 /// nothing lost; at most 1% of attempts throttled over 30 s, 3% over 5 s
 /// (the first crowd's: every request in flight when the first 429 comes);
 /// and the goodput floors given. Issue 14 asks for 0.75 and 0.95 with at
-/// most 1%: the 30-second runs are at 0.93-0.95, the 5-second ones at
-/// 0.73-1.00 with 0.2-2.3% throttled.
+/// most 1%: the 30-second runs are at 0.93-0.96, the 5-second ones at
+/// 0.73-0.84 with 0.2-2.4% throttled.
 async fn reaches(kind: Kind, short_floor: f64, long_floor: f64) {
     let short = import(kind, 5).await;
     let long = import(kind, 30).await;
@@ -101,14 +101,14 @@ async fn a_leaky_bucket() {
 
 #[tokio::test(start_paused = true)]
 async fn a_sliding_window_counting_throttled_requests() {
-    // 0.875 and 0.949.
-    reaches(Kind::SlidingWindow, 0.86, 0.94).await;
+    // 0.834 and 0.949.
+    reaches(Kind::SlidingWindow, 0.82, 0.94).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn fixed_windows() {
-    // 1.002 and 0.952.
-    reaches(Kind::FixedWindow, 0.98, 0.94).await;
+    // 0.835 and 0.958.
+    reaches(Kind::FixedWindow, 0.82, 0.95).await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -61,17 +61,19 @@ async fn policy_wins_when_longer() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_alone_waits_the_server_not_the_policy() {
-    // A 429 and a 503 with Retry-After: their wait alone; an error without
-    // one still waits the policy's delay.
+    // A 429 and a 503 with Retry-After: their wait alone; a 503 without one
+    // still waits the policy's delay.
+    // A zero Retry-After spaces nothing: the policy's delay.
     let server = Script::new()
         .reply(Reply::status(429).retry_after(secs(1)))
         .reply(Reply::status(503).retry_after(secs(2)))
         .reply(Reply::status(503))
+        .reply(Reply::status(429).retry_after(Duration::ZERO))
         .reply(200);
-    let layer = RetryLayer::new(Backoff::fixed(secs(5))).retry_after_alone(true);
+    let layer = RetryLayer::new(Backoff::fixed(secs(5)).max_retries(4)).retry_after_alone(true);
     let response = send(layer, &server, get()).await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(server.waits(), [secs(1), secs(2), secs(5)]);
+    assert_eq!(server.waits(), [secs(1), secs(2), secs(5), secs(5)]);
     // The cap still holds: a longer wait returns the response.
     let server = Script::new()
         .reply(Reply::status(429).retry_after(secs(600)))

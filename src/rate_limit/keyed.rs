@@ -177,12 +177,14 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     }
 
     /// Tells the store that `key`'s server throttled (429) a request sent
-    /// at `sent_at`, asking for `retry_after`: pauses the key that long
-    /// (as [`pause`](Buckets::pause)) and learns a slower pace for it, sent
-    /// evenly (see "Learned pace" in [`RateLimit`](crate::RateLimit)'s
-    /// module docs). Returns the pace learned in requests per second, or
-    /// `None` if an earlier 429 of the same episode (a request sent no
-    /// later than the last lesson) already taught it.
+    /// at `sent_at`, asking for `retry_after`: pauses the key (as
+    /// [`pause`](Buckets::pause): for all of it if the key has no pace yet,
+    /// for the excess's share if it has, not at all for the rest of an
+    /// episode's crowd) and learns a slower pace for it, sent evenly (see
+    /// "Learned pace" in the [module docs](crate::rate_limit)). Returns the
+    /// pace learned in requests per second, or `None` if an earlier 429 of
+    /// the same episode (a request sent no later than the last lesson)
+    /// already taught it, or it came too soon after the key resumed.
     pub fn throttled(
         &self,
         key: &K,
@@ -623,8 +625,10 @@ mod tests {
         buckets.try_acquire(&"b").unwrap();
         buckets.try_acquire(&"b").unwrap();
         assert_eq!(buckets.throttled(&"a", sent, None), None);
-        // A full bucket that learned a pace is not idle: kept.
-        tokio::time::advance(Duration::from_secs(60)).await;
+        // A full bucket that learned a pace is not idle: kept (while the
+        // pace lasts: a first estimate's doubling 10 s, a lesson's 30
+        // minutes).
+        tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(buckets.evict_idle(), 1); // "b"
         assert!(buckets.learned_rate(&"a").is_some());
     }

@@ -118,10 +118,12 @@ impl<F> RateLimitLayer<F> {
     /// connection for the second, then the requests released together
     /// overrun its burst and earn the next 429 (10% of the server's capacity
     /// in `benches/throttled.rs`). Learning, the connection is sent evenly
-    /// at just under the rate that earned the 429, never faster than its
-    /// quota, probing upward after two quiet minutes; see "Learned pace" in
-    /// the [module docs](crate::rate_limit). Off, only the quota and the
-    /// cool-downs hold a connection back.
+    /// at just under the rate the server lets through, never faster than
+    /// its quota, probing upward after a quiet spell (5 s at first, longer
+    /// as lessons confirm the rate); a paced connection's later 429s pause
+    /// it only for the excess's share of `Retry-After`. See "Learned pace"
+    /// in the [module docs](crate::rate_limit). Off, only the quota and the
+    /// cool-downs (all of every `Retry-After`) hold a connection back.
     pub fn learn_rate(mut self, learn: bool) -> Self {
         self.learn_rate = learn;
         self

@@ -38,8 +38,8 @@
 //!   the probe passed the server's rate (a burst of 25 ms of it is spent
 //!   in ~1.2 s at that climb). Each lesson within 5% of the last doubles
 //!   the hold (up to 10 minutes), so a settled pace rarely probes; the
-//!   lesson that ends a doubling is rough and probes at once, 15% a
-//!   second;
+//!   lesson that ends a doubling is rough and probes as soon as it has
+//!   climbed, 15% a second;
 //! - 30 minutes without a 429 and the pace is **forgotten**: the key runs at
 //!   its quota again, and may be dropped from the store.
 //!
@@ -49,7 +49,7 @@
 //!
 //! Against the four kinds of server in `tests/learning.rs` (500/s per
 //! connection; 2 connections, 5 and 30 seconds of leads), the default stack
-//! reaches 0.73-1.00 of capacity in 5 s and 0.93-0.95 in 30 s.
+//! reaches 0.73-0.84 of capacity in 5 s and 0.93-0.96 in 30 s.
 //!
 //! The state fits in one `u64` (the rate as an `f32`, the lesson's time in
 //! 16.8 ms ticks), read with one atomic load per request; a second `u64`
@@ -66,8 +66,11 @@ const NANOS_PER_SEC: f64 = 1e9;
 const TICK_SECS: f64 = (1u64 << TICK_SHIFT) as f64 / NANOS_PER_SEC;
 
 /// A first estimate doubles every this many seconds until the next 429
-/// (as TCP's slow start doubles its window every round trip).
+/// (as TCP's slow start doubles its window every round trip)...
 const DOUBLING_SECS: f64 = 0.5;
+/// ...for this long at most (a million times the estimate), after which
+/// it is forgotten: the next 429 is a herd's first again.
+const ESTIMATE_FORGET_SECS: f64 = 10.0;
 /// The 429 that ends the doubling met a pace the server's burst let run
 /// over its rate for about this long: the lesson takes the pace of then.
 const DOUBLING_LAG_SECS: f64 = 0.25;
@@ -158,8 +161,8 @@ impl Lesson {
     fn unpack(state: u64) -> Self {
         let bits = (state >> 32) as u32;
         Lesson {
-            // The rate's two lowest mantissa bits mark a published lesson
-            // and a rough one (parts in four million of the rate).
+            // The rate's five lowest mantissa bits hold the flags (see
+            // FLAGS: parts in a quarter million of the rate).
             rate: f64::from(f32::from_bits(bits & !(1 << 31) & !FLAGS)),
             estimate: bits >> 31 == 1,
             published: bits & 1 == 1,
@@ -187,8 +190,6 @@ impl Lesson {
         f64::from(ticks) * (1u64 << TICK_SHIFT) as f64 / NANOS_PER_SEC
     }
 
-    /// The pace `age` seconds after the lesson, or `None` if there is no
-    /// lesson or it is forgotten.
     /// Seconds a probe takes to double the pace: faster after a rough
     /// lesson, which may be well under the server's rate.
     fn probe_doubling(&self) -> f64 {
@@ -207,8 +208,15 @@ impl Lesson {
         (2.0 * BURST_SECS / climb).sqrt()
     }
 
+    /// The pace `age` seconds after the lesson, or `None` if there is no
+    /// lesson or it is forgotten.
     fn rate_at(&self, age: f64) -> Option<f64> {
         if self.rate <= 0.0 || age >= FORGET_SECS {
+            return None;
+        }
+        if self.estimate && age >= ESTIMATE_FORGET_SECS {
+            // Doubled past any server's rate without meeting a 429: the
+            // key's demand stayed under it. Nothing learned.
             return None;
         }
         Some(self.rate * self.share(age.max(0.0)))
@@ -220,11 +228,11 @@ impl Lesson {
             return (age / DOUBLING_SECS).exp2();
         }
         if self.published {
+            // The server's word: no climb, no probing above it.
             return PUBLISHED_SHARE;
         }
         let climb = (age / CLIMB_SECS).min(1.0);
         let plateau = CUT + (PLATEAU - CUT) * climb;
-        // A published policy is the server's word: no probing above it.
         let hold = if self.rough {
             0.0
         } else {
@@ -268,7 +276,8 @@ impl Pace {
         interval_at(self.state.load(Ordering::Acquire), now)
     }
 
-    /// Counts one admission toward the first estimate.
+    /// Counts one admission at `now`: toward the first estimate, and in the
+    /// meter of what the server accepts.
     pub(crate) fn admitted(&self, now: u64) {
         let _ = self
             .meter
@@ -300,7 +309,9 @@ impl Pace {
     /// The server throttled a request sent at `sent_at` (the 429 arrived at
     /// `now`, both ns since the epoch), asking for `pause` ns; the key's
     /// quota allows `quota_rate` requests a second. Returns the new pace if
-    /// this 429 taught one, `None` if its episode was already counted.
+    /// this 429 taught one (`None` if its episode was already counted, or
+    /// it came too soon after the key resumed), and the pause to apply in
+    /// ns (see [`lesson`]).
     pub(crate) fn throttled(
         &self,
         now: u64,
@@ -312,7 +323,7 @@ impl Pace {
         loop {
             let counts = Counts(self.meter.load(Ordering::Relaxed));
             let verdict = lesson(current, counts, now, sent_at, pause, quota_rate);
-            let Some(learned) = verdict.state else {
+            let Some(next) = verdict.state else {
                 if verdict.counted {
                     let _ =
                         self.meter
@@ -324,14 +335,17 @@ impl Pace {
             };
             match self.state.compare_exchange_weak(
                 current,
-                learned,
+                next,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
+                    // What the key sends from its resumption on is
+                    // measured against the new pace.
                     let resume = now.saturating_add(verdict.pause);
                     self.meter.store(Counts::fresh(resume).0, Ordering::Relaxed);
-                    return (rate_of(learned), verdict.pause);
+                    let learned = rate_of(next).filter(|_| verdict.taught);
+                    return (learned, verdict.pause);
                 }
                 Err(actual) => current = actual,
             }
@@ -372,11 +386,13 @@ pub(crate) fn interval_at(state: u64, now: u64) -> Option<u64> {
     Some(((NANOS_PER_SEC / rate).ceil() as u64).max(1))
 }
 
-/// The state after a 429 at `now` on a key in `state`, which admitted
-/// `admitted` requests since its last lesson (or arrival), for a request
-/// sent at `sent_at` that asked for `pause` ns, under a quota of
-/// `quota_rate` requests a second; `None` if it teaches nothing (the same
-/// episode as the last lesson, or too few requests for a first estimate).
+/// What a 429 at `now` does to a key in `state` whose meter reads `counts`
+/// (what the server accepted lately, admissions since the last lesson or
+/// arrival), for a request sent at `sent_at` that asked for `pause` ns,
+/// under a quota of `quota_rate` requests a second: the key's new state,
+/// if any (a lesson, or the same pace re-dated to wait longer), and the
+/// pause to apply (all of it for a herd's first 429, the excess's share
+/// for a paced key's, nothing for the rest of an episode's crowd).
 ///
 /// Pure, so the in-process [`Pace`] and the fleet store (which keeps the
 /// state in Redis and swaps it with a compare-and-set script) learn alike.
@@ -390,52 +406,64 @@ pub(crate) fn lesson(
 ) -> Verdict {
     let lesson = Lesson::unpack(state);
     let age = lesson.age(now);
+    // A published policy's lesson is dated when it was last published, not
+    // when the key last resumed: no episode to belong to.
+    let resumed = !lesson.published;
     let (learned, pause) = match lesson.rate_at(age) {
         // Sent no later than the lesson's tick: the same episode.
-        Some(_) if (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => {
+        Some(_) if resumed && (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => {
+            return Verdict::nothing(0, false);
+        }
+        Some(_) if resumed && lesson.age(sent_at) < LAG_SECS => {
+            // Sent too soon after the key resumed to have overrun
+            // anything: the server is still in the last episode (its
+            // window not over yet). Wait longer, from now on, and learn
+            // nothing.
+            let pause = pause / RECOVERING_DIVISOR;
+            let redated = Lesson {
+                tick: tick(now.saturating_add(pause)),
+                ..lesson
+            };
             return Verdict {
-                state: None,
-                pause: 0,
-                counted: false,
-            }
+                state: Some(redated.pack()),
+                taught: false,
+                pause,
+                counted: true,
+            };
         }
         Some(rate) => {
-            let accepted = counts.rate(now, age);
-            if age < LAG_SECS {
-                // Too soon after the key resumed to have overrun anything:
-                // the server is still in the last episode (its window not
-                // over yet). Wait longer; learn nothing.
-                return Verdict {
-                    state: None,
-                    pause: pause / RECOVERING_DIVISOR,
-                    counted: true,
-                };
-            }
+            // What the pace was, as far as the quota let it be.
+            let met = rate.min(quota_rate);
             // The pace of the 429, less what the server's burst may have
             // hidden: a doubling ran over for about DOUBLING_LAG_SECS; a
             // steady pace, by LAG_SECS / age (a 429 a second after
             // resuming means ~10% too fast, one after a minute barely)...
             let mut edge = if lesson.estimate {
-                rate / (DOUBLING_LAG_SECS / DOUBLING_SECS).exp2()
+                met / (DOUBLING_LAG_SECS / DOUBLING_SECS).exp2()
             } else {
                 // A probe ran over for about `probe_lag` before the
                 // burst was spent: the pace of then.
                 let sent_age = lesson.age(sent_at);
-                let before = lesson
-                    .rate_at(sent_age - lesson.probe_lag())
-                    .unwrap_or(rate);
-                (rate / (1.0 + LAG_SECS / age.max(LAG_SECS))).min(before)
+                let before = lesson.rate_at(sent_age - lesson.probe_lag()).unwrap_or(met);
+                (met / (1.0 + LAG_SECS / age.max(LAG_SECS))).min(before)
             };
             // ...or what the server accepted over the last second, if
             // less: a window server's limit, whatever was sent. Not while
             // doubling: that second's average is the doubling's, not the
             // server's.
-            if let Some(accepted) = accepted.filter(|_| !lesson.estimate) {
+            if let Some(accepted) = counts.rate(now, age).filter(|_| !lesson.estimate) {
                 edge = edge.min(accepted);
             }
             // A paced key is no herd: it pauses only for the share of the
-            // wait its excess over the edge may have cost the server.
-            let pause = (pause as f64 * (1.0 - edge / rate).clamp(0.0, 1.0)) as u64;
+            // wait its excess over the edge may have cost the server (all
+            // of it if that share cannot be told).
+            let share = 1.0 - edge / met;
+            let share = if share.is_finite() {
+                share.clamp(0.0, 1.0)
+            } else {
+                1.0
+            };
+            let pause = (pause as f64 * share) as u64;
             (
                 Lesson {
                     rate: edge.min(quota_rate),
@@ -460,18 +488,21 @@ pub(crate) fn lesson(
             if count < MIN_SAMPLE {
                 // Too few requests to tell a rate: the cool-down
                 // alone holds the key, and the count goes on.
-                return Verdict {
-                    state: None,
-                    pause,
-                    counted: true,
-                };
+                return Verdict::nothing(pause, true);
             }
             // The server let through at most `count` over the time
             // it was sent in, and at least that over the time plus
             // the pause it asked for: between the two, geometrically.
             let sent_in = age.max(TICK_SECS);
             let spread = sent_in + (pause as f64 / NANOS_PER_SEC).max(MIN_ESTIMATE_SECS);
-            let first = count / (sent_in * spread).sqrt();
+            let mut first = count / (sent_in * spread).sqrt();
+            if counts.since() == u32::from(u16::MAX) {
+                // The count saturated: what the server accepted over the
+                // last second (all of it, before this first 429) says more.
+                if let Some(accepted) = counts.rate(now, age) {
+                    first = accepted;
+                }
+            }
             (
                 Lesson {
                     rate: first.min(quota_rate),
@@ -492,6 +523,7 @@ pub(crate) fn lesson(
     .pack();
     Verdict {
         state: Some(state),
+        taught: true,
         pause,
         counted: true,
     }
@@ -500,13 +532,28 @@ pub(crate) fn lesson(
 /// What a 429 does to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Verdict {
-    /// The key's pace state after it, if it taught a lesson.
+    /// The key's pace state after it, if it changes.
     pub(crate) state: Option<u64>,
+    /// Whether that state is a lesson (a new pace), not the same pace
+    /// waiting longer.
+    pub(crate) taught: bool,
     /// Nanoseconds to pause the key from the 429 on.
     pub(crate) pause: u64,
     /// Whether the refused request was counted by the key's meter (sent
     /// after its last lesson).
     pub(crate) counted: bool,
+}
+
+impl Verdict {
+    /// No change to the key's pace, a pause of `pause` ns.
+    fn nothing(pause: u64, counted: bool) -> Self {
+        Verdict {
+            state: None,
+            taught: false,
+            pause,
+            counted,
+        }
+    }
 }
 
 /// How often a published policy that has not changed refreshes its
@@ -629,7 +676,7 @@ mod tests {
         // 100/s (300 in 3 s) and 150/s (in 2 s), geometrically.
         let rate = learn(&pace, 2 * SEC, 2 * SEC, SEC, 1e9).unwrap();
         assert!(close(rate, 300.0 / 6f64.sqrt()), "{rate}");
-        // Then, from the end of the pause, it doubles every 2 s until the
+        // Then, from the end of the pause, it doubles every 0.5 s until the
         // next 429.
         assert!(close(pace.rate(3 * SEC).unwrap(), rate));
         let doubled = 3 * SEC + (DOUBLING_SECS * 1e9) as u64;
@@ -856,6 +903,87 @@ mod tests {
         assert_eq!(fresh.throttled(SEC, SEC, 3 * SEC, 1e9), (None, 3 * SEC));
         // The same episode: nothing more.
         assert_eq!(pace.throttled(SEC, SEC, 3 * SEC, 1e9), (None, 0));
+        // Paced, 2 s after resuming (climbed, holding): the share its pace
+        // was over the lesson's edge, 1 - 1 / (1 + 0.1 / 2), of 3 s.
+        let (steady, at, _) = steady();
+        admit(&steady, 10);
+        let later = at + 2 * SEC;
+        let (learned, pause) = steady.throttled(later, later - 1, 3 * SEC, 1e9);
+        assert!(learned.is_some());
+        let share = 1.0 - 1.0 / 1.05;
+        assert!(close(pause as f64, 3e9 * share), "{pause}");
+    }
+
+    #[test]
+    fn a_late_429_on_a_forgotten_estimate_is_a_herds_first() {
+        // An estimate that never met a 429 doubles for 10 s, then is
+        // forgotten: a 429 after that pauses the whole Retry-After (no
+        // pace of infinity, no share of nothing).
+        let (pace, _) = estimated();
+        assert!(pace.rate(9 * SEC).is_some());
+        assert_eq!(pace.rate(11 * SEC), None);
+        admit(&pace, 100);
+        let at = 600 * SEC;
+        let (learned, pause) = pace.throttled(at, at - 1, 10 * SEC, 1e9);
+        assert_eq!(pause, 10 * SEC);
+        assert!(learned.unwrap().is_finite());
+        // Under a quota, a pace's excess is counted from the quota.
+        let (capped, _) = estimated();
+        admit(&capped, 10);
+        let (learned, pause) = capped.throttled(3 * SEC, 3 * SEC - 1, SEC, 100.0);
+        assert!(close(learned.unwrap(), 100.0 / 2f64.sqrt()));
+        assert!(
+            close(pause as f64, 1e9 * (1.0 - 1.0 / 2f64.sqrt())),
+            "{pause}"
+        );
+    }
+
+    #[test]
+    fn a_first_estimate_after_a_long_quiet_run_reads_the_meter() {
+        // 500 a second for 140 s, never throttled: more admissions than
+        // the count holds (65,535), so the first 429's estimate is what the
+        // server accepted over the last second.
+        let pace = Pace::new(0);
+        let mut now = 0;
+        for i in 0..70_000 {
+            now = i * SEC / 500;
+            pace.admitted(now);
+        }
+        let (learned, pause) = pace.throttled(now, now, SEC, 1e9);
+        let learned = learned.unwrap();
+        assert!((learned - 500.0).abs() < 25.0, "{learned}");
+        assert_eq!(pause, SEC);
+    }
+
+    #[test]
+    fn a_published_pace_is_no_episode() {
+        // A policy refreshed at 60 s: a 429 for a request sent before it is
+        // still a lesson with its pause, not the crowd of an episode.
+        let state = published(fresh(0), 60 * SEC, 50.0, 1e9).unwrap();
+        let mut counts = Counts::fresh(0);
+        for i in 0..600 {
+            counts = counts.sent(59 * SEC + i * SEC / 500);
+        }
+        let at = 60 * SEC + SEC / 20;
+        let verdict = lesson(state, counts, at, 60 * SEC - SEC / 10, 30 * SEC, 1e9);
+        assert!(verdict.taught && verdict.pause > 0, "{verdict:?}");
+    }
+
+    #[test]
+    fn a_429_sent_just_after_resuming_waits_longer_from_its_arrival() {
+        let (pace, at, rate) = steady();
+        let resumed = at;
+        admit(&pace, 10);
+        // Sent 50 ms after resuming, answered 200 ms after: the server's
+        // window is not over; a quarter of its Retry-After more, counted
+        // from the 429, and no lesson.
+        let sent = resumed + SEC / 20;
+        let arrived = resumed + SEC / 5;
+        let (learned, pause) = pace.throttled(arrived, sent, 2 * SEC, 1e9);
+        assert_eq!((learned, pause), (None, SEC / 2));
+        // The pace is the same, re-dated: at the cut when it resumes again.
+        let again = arrived + pause;
+        assert!(close(pace.rate(again).unwrap(), CUT * rate));
     }
 
     #[test]
@@ -878,8 +1006,11 @@ mod tests {
             pace.admitted(0);
         }
         assert_eq!(learn(&pace, 0, 0, 0, 50.0), Some(50.0));
+        // Doubling, but held to the quota: a 429 at the quota's pace takes
+        // the doubling's lag off that pace.
         admit(&pace, 10);
-        assert_eq!(learn(&pace, SEC, SEC, 0, 20.0), Some(20.0));
+        let learned = learn(&pace, SEC, SEC, 0, 20.0).unwrap();
+        assert!(close(learned, 20.0 / 2f64.sqrt()), "{learned}");
     }
 
     #[test]
@@ -909,7 +1040,9 @@ mod tests {
                 for _ in 0..admitted % 1_000 {
                     pace.admitted(0);
                 }
-                if let Some(rate) = learn(&pace, now, sent_at, pause, quota_rate) {
+                let (learned, applied) = pace.throttled(now, sent_at, pause, quota_rate);
+                prop_assert!(applied <= pause);
+                if let Some(rate) = learned {
                     prop_assert!(rate.is_finite());
                     prop_assert!(rate >= MIN_RATE.min(quota_rate) * 0.999);
                     prop_assert!(rate <= quota_rate.max(MIN_RATE) * 1.001);

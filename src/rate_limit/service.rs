@@ -273,7 +273,10 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
                         return;
                     };
                     match fleet.throttle(&key, fleet_at, nanos(pause)).await {
-                        Ok(learned) => shared.throttled(&key, status, asked, pause, learned),
+                        Ok((learned, applied)) => {
+                            let applied = Duration::from_nanos(applied);
+                            shared.throttled(&key, status, asked, applied, learned);
+                        }
                         Err(failure) => {
                             fleet.failed(&failure);
                             shared.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -500,7 +503,9 @@ impl RateLimitHandle {
     }
 
     /// Cool-downs applied so far: 429/503 responses with a usable
-    /// `Retry-After` (or, for a 429 without one, a published reset), and
+    /// `Retry-After` (or, for a 429 without one, a published reset) that
+    /// paused their connection (on a paced connection the rest of an
+    /// episode's crowd pauses nothing more, and is not counted), and
     /// responses publishing that no requests remain.
     pub fn cool_downs(&self) -> u64 {
         self.figures.cool_downs.load(Ordering::Relaxed)

@@ -375,13 +375,14 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
     /// The server throttled a request on `key` sent at `sent_at` (ns of
     /// Redis's clock; `None` if it was decided locally), asking for `pause`
     /// ns: pauses the connection for the fleet and, if the episode is new,
-    /// stores the pace it teaches. Returns the pace learned.
+    /// stores the pace it teaches. Returns the pace learned and the pause
+    /// applied (ns; a paced connection pauses for the excess's share).
     pub(crate) async fn throttle(
         &self,
         key: &K,
         sent_at: Option<u64>,
         pause: u64,
-    ) -> Result<Option<f64>, Failure> {
+    ) -> Result<(Option<f64>, u64), Failure> {
         let limit = self.store.timeout;
         tokio::time::timeout(limit, self.throttle_within(key, sent_at, pause))
             .await
@@ -393,7 +394,7 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
         key: &K,
         sent_at: Option<u64>,
         pause: u64,
-    ) -> Result<Option<f64>, Failure> {
+    ) -> Result<(Option<f64>, u64), Failure> {
         let quota_rate = 1e9 / self.quota.interval() as f64;
         for _ in 0..STALE_TRIES {
             let now = self.clock.now();
@@ -404,13 +405,13 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
             // A paced connection pauses for the excess's share only (see
             // `pace::lesson`); the store keeps only the admissions since
             // the lesson, not what the server accepted.
-            let (lesson, pause) = match (heard, sent_at) {
+            let (lesson, taught, pause) = match (heard, sent_at) {
                 (Some((state, n)), Some(sent_at)) if self.learn_rate => {
                     let counts = Counts::admitted(n);
                     let verdict = pace::lesson(state, counts, now_ns, sent_at, pause, quota_rate);
-                    (verdict.state, verdict.pause)
+                    (verdict.state, verdict.taught, verdict.pause)
                 }
-                _ => (None, pause),
+                _ => (None, false, pause),
             };
             let before = self.gcra(heard.map(|(state, _)| state), now);
             let after = self.gcra(lesson.or(heard.map(|(state, _)| state)), now);
@@ -427,7 +428,10 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Fleet<K> {
             self.remember(key, &reply, None);
             match reply.outcome {
                 Outcome::Stale => continue,
-                Outcome::Done => return Ok(lesson.and_then(pace::rate_of)),
+                Outcome::Done => {
+                    let learned = lesson.filter(|_| taught).and_then(pace::rate_of);
+                    return Ok((learned, pause));
+                }
                 _ => return Err(Failure::Malformed),
             }
         }

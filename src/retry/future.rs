@@ -195,7 +195,7 @@ where
 type Delay = (Duration, Duration, Option<Duration>);
 
 /// The wait before the next retry: `max(policy, Retry-After)`, or the
-/// `Retry-After` alone if `alone` and there is one.
+/// `Retry-After` alone if `alone` and it is not zero.
 fn next_delay(
     delays: &mut Delays,
     outcome: &Outcome<'_>,
@@ -212,7 +212,9 @@ fn next_delay(
             tracing::debug!(target: "tollgate::retry", retry_after = ?asked, ?max_retry_after, "server asked for longer than max_retry_after");
             Err(Stop::RetryAfterTooLong)
         }
-        Some(asked) if alone => Ok((asked, policy, server)),
+        // A zero wait (`Retry-After: 0`, a date already past) spaces
+        // nothing: the policy's delay then.
+        Some(asked) if alone && !asked.is_zero() => Ok((asked, policy, server)),
         _ => Ok((policy.max(server.unwrap_or(Duration::ZERO)), policy, server)),
     }
 }

@@ -91,7 +91,8 @@ impl<C> RetryLayer<C> {
     /// kept and the retries are spread; the backoff's own delay (5 to 7.5 s
     /// for the first retry of [`Backoff::power_automate`]) would only leave
     /// the request idle after its connection is sending again. Responses
-    /// without `Retry-After`, and errors, still wait the backoff's delay.
+    /// without `Retry-After` (or with a zero one, which spaces nothing),
+    /// and errors, still wait the backoff's delay.
     pub fn retry_after_alone(mut self, alone: bool) -> Self {
         self.retry_after_alone = alone;
         self
