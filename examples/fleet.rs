@@ -633,7 +633,7 @@ async fn parent() -> Result<(), BoxError> {
 
     let store_lost: u64 = rows
         .iter()
-        .filter(|row| row.mode != Mode::Alone)
+        .filter(|row| matches!(row.mode, Mode::Shared | Mode::Learned))
         .map(|row| row.lost)
         .sum();
     if store_lost > 0 {

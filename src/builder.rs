@@ -66,7 +66,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `learn_rate` | on | a cool-down alone lets a rounding token-bucket server run at 0.10 of its capacity; learning, 0.99 |
 /// | `learn_from_headers` | on | a server that says no requests remain (`RateLimit`, `X-RateLimit-Remaining: 0`, ...) would answer the next request 429: hold the connection until its stated reset instead |
 /// | `retry` | [`Backoff::power_automate`] | the Logic Apps / Power Automate default policy |
-/// | `retry_after_alone` | on (with `learn_rate`) | a throttled request's retry waits the server's `Retry-After` and its connection's pace, not the backoff's 5-7.5 s on top: the connection already spaces it |
+/// | `retry_after_alone` | on (with `learn_rate`) | a throttled request's first two retries wait the server's `Retry-After` and its connection's pace, not the backoff's 5-7.5 s on top: the connection already spaces it |
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
 ///
@@ -219,9 +219,9 @@ impl<F> TollgateBuilder<F> {
         self
     }
 
-    /// Whether a throttled request is retried after the server's
-    /// `Retry-After` alone, its connection's pause and pace spacing it,
-    /// rather than after `max(backoff delay, Retry-After)` (see
+    /// Whether a throttled request is retried (the first two times) after the
+    /// server's `Retry-After` alone, its connection's pause and pace
+    /// spacing it, rather than after `max(backoff delay, Retry-After)` (see
     /// [`RetryLayer::retry_after_alone`]; default: on while connections
     /// learn a pace, see [`learn_rate`](TollgateBuilder::learn_rate)).
     /// Off gives Power Automate's rule exactly, at a cost: a 5-second

@@ -61,19 +61,28 @@ async fn policy_wins_when_longer() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_alone_waits_the_server_not_the_policy() {
-    // A 429 and a 503 with Retry-After: their wait alone; a 503 without one
-    // still waits the policy's delay.
-    // A zero Retry-After spaces nothing: the policy's delay.
+    // The first two retries of a throttled request wait the server's wait
+    // alone; a request throttled a third time waits the larger.
     let server = Script::new()
         .reply(Reply::status(429).retry_after(secs(1)))
         .reply(Reply::status(503).retry_after(secs(2)))
-        .reply(Reply::status(503))
-        .reply(Reply::status(429).retry_after(Duration::ZERO))
+        .reply(Reply::status(429).retry_after(secs(3)))
         .reply(200);
-    let layer = RetryLayer::new(Backoff::fixed(secs(5)).max_retries(4)).retry_after_alone(true);
+    let layer = RetryLayer::new(Backoff::fixed(secs(5))).retry_after_alone(true);
     let response = send(layer, &server, get()).await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(server.waits(), [secs(1), secs(2), secs(5), secs(5)]);
+    assert_eq!(server.waits(), [secs(1), secs(2), secs(5)]);
+    // A 503 without Retry-After, or a zero one (which spaces nothing),
+    // waits the policy's delay.
+    for first in [
+        Reply::status(503),
+        Reply::status(429).retry_after(Duration::ZERO),
+    ] {
+        let server = Script::new().reply(first).reply(200);
+        let layer = RetryLayer::new(Backoff::fixed(secs(5))).retry_after_alone(true);
+        send(layer, &server, get()).await;
+        assert_eq!(server.waits(), [secs(5)]);
+    }
     // The cap still holds: a longer wait returns the response.
     let server = Script::new()
         .reply(Reply::status(429).retry_after(secs(600)))

@@ -124,11 +124,14 @@ where
                             Stop::NotReplayable
                         })
                     } else {
+                        // Alone for the first two retries: a request
+                        // throttled a third time is not held by its
+                        // connection's pace, and waits the larger.
                         next_delay(
                             this.delays,
                             &outcome,
                             config.max_retry_after,
-                            config.retry_after_alone,
+                            config.retry_after_alone && *this.attempt <= 2,
                         )
                         .and_then(|delays| within(*this.deadline, delays))
                     };

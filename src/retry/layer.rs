@@ -80,9 +80,10 @@ impl<C> RetryLayer<C> {
         self
     }
 
-    /// Whether a response that carries a `Retry-After` is retried after
-    /// that wait alone, not `max(backoff delay, Retry-After)` (default
-    /// `false`).
+    /// Whether a response that carries a `Retry-After` is retried, the first
+    /// two times, after that wait alone, not `max(backoff delay,
+    /// Retry-After)` (default `false`). A request throttled a third time
+    /// waits the larger, as without it.
     ///
     /// For a retry layer above a [`RateLimit`](crate::RateLimit), as in the
     /// [`Tollgate`](crate::Tollgate) stack, which turns it on: there the 429
@@ -90,9 +91,14 @@ impl<C> RetryLayer<C> {
     /// connection's bucket like every request, so the server's wait is
     /// kept and the retries are spread; the backoff's own delay (5 to 7.5 s
     /// for the first retry of [`Backoff::power_automate`]) would only leave
-    /// the request idle after its connection is sending again. Responses
-    /// without `Retry-After` (or with a zero one, which spaces nothing),
-    /// and errors, still wait the backoff's delay.
+    /// the request idle after its connection is sending again. A third
+    /// throttle says the pace does not hold it, and the backoff spreads the
+    /// rest (without that, four processes learning one server's limit
+    /// apart lost a lead to spent retries in `examples/fleet.rs`; from the
+    /// second, a sliding window's 5-second import waited 15 s for one
+    /// lead).
+    /// Responses without `Retry-After` (or with a zero one, which spaces
+    /// nothing), and errors, wait the backoff's delay.
     pub fn retry_after_alone(mut self, alone: bool) -> Self {
         self.retry_after_alone = alone;
         self
