@@ -406,15 +406,15 @@ pub(crate) fn lesson(
 ) -> Verdict {
     let lesson = Lesson::unpack(state);
     let age = lesson.age(now);
-    // A published policy's lesson is dated when it was last published, not
-    // when the key last resumed: no episode to belong to.
-    let resumed = !lesson.published;
     let (learned, pause) = match lesson.rate_at(age) {
-        // Sent no later than the lesson's tick: the same episode.
-        Some(_) if resumed && (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => {
+        // Sent no later than the lesson's tick: the same episode (for a
+        // published policy, the crowd sent before it was read).
+        Some(_) if (tick(sent_at).wrapping_sub(lesson.tick) as i32) <= 0 => {
             return Verdict::nothing(0, false);
         }
-        Some(_) if resumed && lesson.age(sent_at) < LAG_SECS => {
+        // A published policy's lesson is dated when it was read, not when
+        // the key resumed: no window of the server's to wait out.
+        Some(_) if !lesson.published && lesson.age(sent_at) < LAG_SECS => {
             // Sent too soon after the key resumed to have overrun
             // anything: the server is still in the last episode (its
             // window not over yet). Wait longer, from now on, and learn
@@ -956,17 +956,20 @@ mod tests {
     }
 
     #[test]
-    fn a_published_pace_is_no_episode() {
-        // A policy refreshed at 60 s: a 429 for a request sent before it is
-        // still a lesson with its pause, not the crowd of an episode.
+    fn a_published_pace_has_no_recovering() {
+        // A policy read at 60 s: a 429 for a request sent just after is a
+        // lesson with its pause, not a server still in a window; one sent
+        // before it was read is of the crowd that met the policy late.
         let state = published(fresh(0), 60 * SEC, 50.0, 1e9).unwrap();
         let mut counts = Counts::fresh(0);
         for i in 0..600 {
             counts = counts.sent(59 * SEC + i * SEC / 500);
         }
-        let at = 60 * SEC + SEC / 20;
-        let verdict = lesson(state, counts, at, 60 * SEC - SEC / 10, 30 * SEC, 1e9);
+        let at = 60 * SEC + SEC / 10;
+        let verdict = lesson(state, counts, at, 60 * SEC + SEC / 20, 30 * SEC, 1e9);
         assert!(verdict.taught && verdict.pause > 0, "{verdict:?}");
+        let crowd = lesson(state, counts, at, 60 * SEC - SEC / 10, 30 * SEC, 1e9);
+        assert_eq!(crowd.state, None);
     }
 
     #[test]
