@@ -14,6 +14,8 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
     echo "== installing nginx"
     sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -q && $sudo apt-get install -y -q nginx-light
+    # The package may start a system server on port 80: stop it.
+    ($sudo service nginx stop || $sudo /usr/sbin/nginx -s quit) >/dev/null 2>&1 || true
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
