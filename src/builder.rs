@@ -1,8 +1,11 @@
 //! `Tollgate`: the default stack in one builder.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use tower::Layer;
+
+use crate::sync::Arc;
 
 use crate::rate_limit::{ByConnection, KeyOf};
 use crate::{
@@ -82,6 +85,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 #[derive(Clone)]
 pub struct TollgateBuilder<F = ByConnection> {
     parallelism: usize,
+    adaptive: Option<RangeInclusive<usize>>,
     queue_limit: Option<usize>,
     queue_timeout: Option<Duration>,
     quota: Quota,
@@ -111,8 +115,11 @@ impl<S, F: KeyOf + Clone> Layer<S> for TollgateLayer<F> {
     type Service = TollgateService<S, F>;
 
     fn layer(&self, client: S) -> TollgateService<S, F> {
-        self.gate
-            .layer(self.retry.layer(self.rate_limit.layer(client)))
+        // An adaptive gate learns from each attempt the rate limiter sends.
+        let gate = self.gate.gate(false);
+        let sampler = gate.sampled_inside().then(|| Arc::clone(&gate));
+        let rate_limited = self.rate_limit.layer_sampled(client, sampler);
+        self.gate.layer_onto(gate, self.retry.layer(rate_limited))
     }
 }
 
@@ -122,6 +129,7 @@ impl TollgateBuilder {
         const PARALLELISM: usize = 25;
         TollgateBuilder {
             parallelism: PARALLELISM,
+            adaptive: None,
             queue_limit: None,
             queue_timeout: None,
             quota: Quota::unlimited(),
@@ -152,6 +160,19 @@ impl<F> TollgateBuilder<F> {
         self
     }
 
+    /// The parallelism adapts to the server's latency and overload answers
+    /// inside `range`, starting at [`parallelism`](TollgateBuilder::parallelism)
+    /// (default: fixed; see [`ConcurrencyGateLayer::adaptive_parallelism`]).
+    /// In this stack each attempt is a sample, timed from sent to answered
+    /// by the rate limiter: retries, their sleeps and token waits do not
+    /// read as a slow server, and 429s stay the rate limiter's to learn
+    /// from. An empty range, or one starting at 0, is
+    /// [`Error::InvalidConfig`] from [`build`](TollgateBuilder::build).
+    pub fn adaptive_parallelism(mut self, range: RangeInclusive<usize>) -> Self {
+        self.adaptive = Some(range);
+        self
+    }
+
     /// Requests that may wait for a slot (see
     /// [`ConcurrencyGateLayer::queue_limit`]).
     pub fn queue_limit(mut self, limit: usize) -> Self {
@@ -177,6 +198,7 @@ impl<F> TollgateBuilder<F> {
     pub fn key_by<G: KeyOf>(self, key_of: G) -> TollgateBuilder<G> {
         TollgateBuilder {
             parallelism: self.parallelism,
+            adaptive: self.adaptive,
             queue_limit: self.queue_limit,
             queue_timeout: self.queue_timeout,
             quota: self.quota,
@@ -280,6 +302,11 @@ impl<F> TollgateBuilder<F> {
         self.quota.validate()?;
         self.backoff.validate()?;
         let mut gate = ConcurrencyGateLayer::new(self.parallelism);
+        if let Some(range) = self.adaptive {
+            crate::concurrency::check_range(&range)
+                .map_err(|reason| Error::invalid_config("concurrency gate", reason))?;
+            gate = gate.adaptive_parallelism(range);
+        }
         if let Some(limit) = self.queue_limit {
             gate = gate.queue_limit(limit);
         }
@@ -326,6 +353,7 @@ impl<F> std::fmt::Debug for TollgateBuilder<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut f = f.debug_struct("TollgateBuilder");
         f.field("parallelism", &self.parallelism)
+            .field("adaptive_parallelism", &self.adaptive)
             .field("queue_limit", &self.queue_limit)
             .field("queue_timeout", &self.queue_timeout)
             .field("quota", &self.quota)

@@ -6,9 +6,10 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::{sleep, Sleep};
+use tokio::time::{sleep, Instant, Sleep};
 use tower::{BoxError, Service};
 
+use super::adaptive::Sample;
 use super::queue::{Admission, Gate, Place};
 use super::seat::{self, Seat};
 use crate::sync::Arc;
@@ -37,6 +38,9 @@ pin_project! {
         // Whether the seat is put out for the rate limiter inside (from the
         // poll after it asked for it).
         lending: bool,
+        // When the request was called, if this gate times calls to learn
+        // its parallelism.
+        called_at: Option<Instant>,
     }
 }
 
@@ -79,7 +83,7 @@ where
             Admission::Closed => {
                 let error = Some(Error::invalid_config(
                     "concurrency gate",
-                    "parallelism must be at least 1",
+                    gate.closed_because(),
                 ));
                 (State::Refused { error }, None, None, None)
             }
@@ -93,6 +97,7 @@ where
             timeout,
             gate: Arc::clone(gate),
             lending: false,
+            called_at: None,
         }
     }
 }
@@ -141,6 +146,9 @@ where
                         .request
                         .take()
                         .expect("the request is sent once, from this state only");
+                    if this.gate.samples_calls() {
+                        *this.called_at = Some(Instant::now());
+                    }
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
                 }
@@ -166,6 +174,12 @@ where
                         polled
                     };
                     if let Poll::Ready(result) = polled {
+                        if let Some(called_at) = this.called_at.take() {
+                            this.gate.sample(match &result {
+                                Ok(_) => Sample::Answered(called_at.elapsed()),
+                                Err(_) => Sample::Overloaded,
+                            });
+                        }
                         // The slot goes back as soon as the response is here.
                         *this.seat = None;
                         return Poll::Ready(result.map_err(Into::into));

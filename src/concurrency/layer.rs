@@ -1,7 +1,9 @@
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use tower::Layer;
 
+use super::adaptive::check_range;
 use super::line::OneLine;
 use super::queue::Gate;
 use super::ConcurrencyGate;
@@ -32,6 +34,7 @@ pub struct ConcurrencyGateLayer<L = OneLine> {
     queue_timeout: Option<Duration>,
     lines: L,
     by_line: bool,
+    adaptive: Option<RangeInclusive<usize>>,
 }
 
 impl ConcurrencyGateLayer {
@@ -51,6 +54,7 @@ impl ConcurrencyGateLayer {
             queue_timeout: None,
             lines: OneLine,
             by_line: false,
+            adaptive: None,
         }
     }
 }
@@ -76,7 +80,42 @@ impl<L> ConcurrencyGateLayer<L> {
             queue_timeout: self.queue_timeout,
             lines: key_of,
             by_line: true,
+            adaptive: self.adaptive,
         }
+    }
+
+    /// The parallelism adapts to the server inside `range`, starting at
+    /// `parallelism` (clamped into the range); default: fixed. An empty
+    /// range, or one starting at 0, is
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) on every call.
+    ///
+    /// It follows the server's latency and its overload answers (for a
+    /// gate standing alone: how long each call through the gate takes, and
+    /// the inner service's errors), as Netflix's concurrency-limits
+    /// `Gradient` does: doubling while latency stays flat, then settling a
+    /// few requests past the concurrency where the server starts to
+    /// queue, cut by the failed share when calls fail. The algorithm, and
+    /// why each constant, is in `src/concurrency/adaptive.rs`. In the
+    /// [`Tollgate`](crate::Tollgate) stack
+    /// ([`TollgateBuilder::adaptive_parallelism`](crate::TollgateBuilder::adaptive_parallelism))
+    /// the rate limiter inside takes the samples instead: each attempt
+    /// from sent to answered, 502/503/504 without `Retry-After` as
+    /// overload, and 429s left to the rate limiter, so retries, their
+    /// sleeps and token waits do not read as a slow server.
+    ///
+    /// [`ConcurrencyGateHandle::parallelism`](super::ConcurrencyGateHandle::parallelism)
+    /// shows where it is.
+    ///
+    /// ```
+    /// use tollgate::ConcurrencyGateLayer;
+    ///
+    /// // Start at 10, stay between 1 and 200.
+    /// let gate = ConcurrencyGateLayer::new(10).adaptive_parallelism(1..=200);
+    /// # let _ = gate;
+    /// ```
+    pub fn adaptive_parallelism(mut self, range: RangeInclusive<usize>) -> Self {
+        self.adaptive = Some(range);
+        self
     }
 
     /// How many requests may wait for a slot (0: refuse as soon as every
@@ -113,10 +152,37 @@ impl<S, L: Clone> Layer<S> for ConcurrencyGateLayer<L> {
     type Service = ConcurrencyGate<S, L>;
 
     fn layer(&self, inner: S) -> ConcurrencyGate<S, L> {
-        let gate = Gate::new(self.parallelism, self.effective_queue_limit(), self.by_line);
+        self.layer_onto(self.gate(true), inner)
+    }
+}
+
+impl<L: Clone> ConcurrencyGateLayer<L> {
+    /// A new gate as configured; `sampled_here`: whether an adaptive gate's
+    /// own futures take its samples (else a rate limiter inside does).
+    pub(crate) fn gate(&self, sampled_here: bool) -> Arc<Gate> {
+        let queue_limit = self.effective_queue_limit();
+        let gate = match &self.adaptive {
+            None => Gate::new(self.parallelism, queue_limit, self.by_line),
+            Some(range) => match check_range(range) {
+                Ok(()) if self.parallelism > 0 => Gate::adaptive(
+                    self.parallelism,
+                    range.clone(),
+                    queue_limit,
+                    self.by_line,
+                    sampled_here,
+                ),
+                Ok(()) => Gate::new(0, queue_limit, self.by_line),
+                Err(reason) => Gate::new(0, queue_limit, self.by_line).invalid(reason),
+            },
+        };
+        Arc::new(gate)
+    }
+
+    /// The gate service around `inner`, with `gate`.
+    pub(crate) fn layer_onto<S>(&self, gate: Arc<Gate>, inner: S) -> ConcurrencyGate<S, L> {
         ConcurrencyGate {
             inner,
-            gate: Arc::new(gate),
+            gate,
             queue_timeout: self.queue_timeout,
             lines: self.lines.clone(),
         }

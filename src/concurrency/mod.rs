@@ -111,16 +111,21 @@
 //! # }
 //! ```
 
+mod adaptive;
 mod future;
 mod layer;
 mod line;
 mod queue;
 mod seat;
+mod send_all;
 mod service;
 
+pub(crate) use adaptive::{check_range, Sample};
 pub use future::ResponseFuture;
 pub use layer::ConcurrencyGateLayer;
 pub(crate) use line::line_of;
 pub use line::{LineOf, OneLine};
+pub(crate) use queue::Gate;
 pub(crate) use seat::SeatLoan;
+pub use send_all::SendAll;
 pub use service::{ConcurrencyGate, ConcurrencyGateHandle};

@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 use std::task::{Context, Poll, Waker};
 
+use super::adaptive::{GradientLimit, Sample};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicWaker, Mutex, MutexGuard};
 
 pub(crate) struct Gate {
@@ -28,6 +29,19 @@ pub(crate) struct Gate {
     by_line: bool,
     pub(crate) refused: AtomicU64,
     pub(crate) timed_out: AtomicU64,
+    // The learned parallelism, when it adapts (locked before `state`).
+    adaptive: Option<Adaptive>,
+    // Why a gate with parallelism 0 refuses every request.
+    closed_because: &'static str,
+}
+
+/// An adaptive gate's learning: the limit, and whether the gate's own
+/// futures take its samples (a gate standing alone) or a rate limiter
+/// inside does (the `Tollgate` stack: it sees each attempt, not the
+/// retries and token waits between them).
+struct Adaptive {
+    limit: Mutex<GradientLimit>,
+    sampled_here: bool,
 }
 
 struct State {
@@ -186,6 +200,91 @@ impl Gate {
             by_line,
             refused: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            adaptive: None,
+            closed_because: "parallelism must be at least 1",
+        }
+    }
+
+    /// This (closed) gate refuses every request for `reason`.
+    pub(crate) fn invalid(mut self, reason: &'static str) -> Self {
+        self.closed_because = reason;
+        self
+    }
+
+    /// Why this gate refuses every request, if its parallelism is 0.
+    pub(crate) fn closed_because(&self) -> &'static str {
+        self.closed_because
+    }
+
+    /// A gate whose parallelism adapts inside `range`, starting at
+    /// `parallelism` (clamped into it; the range is checked by the caller).
+    /// `sampled_here`: whether the gate's futures take the samples.
+    pub(crate) fn adaptive(
+        parallelism: usize,
+        range: std::ops::RangeInclusive<usize>,
+        queue_limit: usize,
+        by_line: bool,
+        sampled_here: bool,
+    ) -> Self {
+        let limit = GradientLimit::new(range, parallelism);
+        let mut gate = Gate::new(limit.parallelism(), queue_limit, by_line);
+        gate.adaptive = Some(Adaptive {
+            limit: Mutex::new(limit),
+            sampled_here,
+        });
+        gate
+    }
+
+    /// Whether this gate adapts and a rate limiter inside takes its samples.
+    pub(crate) fn sampled_inside(&self) -> bool {
+        self.adaptive
+            .as_ref()
+            .is_some_and(|adaptive| !adaptive.sampled_here)
+    }
+
+    /// Whether this gate's futures time their calls for the learning.
+    pub(crate) fn samples_calls(&self) -> bool {
+        self.adaptive
+            .as_ref()
+            .is_some_and(|adaptive| adaptive.sampled_here)
+    }
+
+    /// Learns from one answer of the server (nothing for a gate that does
+    /// not adapt); at the end of a round, applies the new parallelism.
+    pub(crate) fn sample(&self, sample: Sample) {
+        let Some(adaptive) = &self.adaptive else {
+            return;
+        };
+        let mut limit = adaptive
+            .limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let demand = || {
+            let state = self.lock();
+            state.in_flight + state.lines.len() + state.lent
+        };
+        let Some(parallelism) = limit.sample(sample, demand) else {
+            return;
+        };
+        if parallelism != self.parallelism() {
+            tracing::debug!(target: "tollgate::concurrency", parallelism, "adaptive parallelism");
+            self.set_parallelism(parallelism);
+        }
+    }
+
+    /// Sets the parallelism by hand; an adaptive gate learns on from it
+    /// (clamped into its range). `parallelism >= 1`.
+    pub(crate) fn set_parallelism_by_hand(&self, parallelism: usize) {
+        match &self.adaptive {
+            Some(adaptive) => {
+                let mut limit = adaptive
+                    .limit
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                limit.reset(parallelism);
+                self.set_parallelism(limit.parallelism());
+            }
+            None => self.set_parallelism(parallelism),
         }
     }
 
@@ -255,8 +354,8 @@ impl Gate {
                 armed: true,
             });
         }
-        drop(state);
-        gate.refused.fetch_add(1, Ordering::Relaxed);
+        // (Counted as refused by the caller: `send_all` holds its request
+        // back instead.)
         Admission::Full
     }
 
@@ -579,7 +678,9 @@ mod tests {
         ));
         assert!(matches!(Gate::admit(&g, 0), Admission::Full));
         assert_eq!((g.in_flight(), g.queued()), (2, 1));
-        assert_eq!(g.refused.load(Ordering::Relaxed), 1);
+        // Counted by the service's `call`, not here (`send_all` holds a
+        // request back instead of refusing it).
+        assert_eq!(g.refused.load(Ordering::Relaxed), 0);
         let Admission::Queued(mut place) = c else {
             unreachable!()
         };

@@ -105,8 +105,23 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let (request, admission) = self.admit(request);
+        if let Admission::Full = admission {
+            self.gate.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.future(admission, request)
+    }
+}
+
+impl<S, L> ConcurrencyGate<S, L> {
+    /// Admits `request` to the gate: a slot, a place in its line, or no
+    /// room.
+    pub(super) fn admit<Request>(&self, request: Request) -> (Request, Admission)
+    where
+        L: LineOf<Request>,
+    {
         // The request's line is read only if it has to wait for a slot.
-        let (request, admission) = match self.gate.by_line() {
+        match self.gate.by_line() {
             false => (request, Gate::admit(&self.gate, 0)),
             true => match Gate::try_slot(&self.gate) {
                 Some(slot) => (request, Admission::Slot(slot)),
@@ -115,7 +130,18 @@ where
                     (request, Gate::admit(&self.gate, line))
                 }
             },
-        };
+        }
+    }
+
+    /// The response future of an admitted request.
+    pub(super) fn future<Request>(
+        &self,
+        admission: Admission,
+        request: Request,
+    ) -> ResponseFuture<S, Request>
+    where
+        S: Service<Request> + Clone,
+    {
         ResponseFuture::new(
             admission,
             self.inner.clone(),
@@ -176,7 +202,9 @@ impl ConcurrencyGateHandle {
     /// that backs off when the server throttles. Raising it admits waiting
     /// requests at once, in order; lowering it never cancels running work
     /// (slots are simply not handed on until fewer than `parallelism` run).
-    /// Zero is [`Error::InvalidConfig`] and changes nothing.
+    /// Zero is [`Error::InvalidConfig`] and changes nothing. On a gate with
+    /// [adaptive parallelism](crate::ConcurrencyGateLayer::adaptive_parallelism)
+    /// the value is clamped into its range and learning goes on from it.
     pub fn set_parallelism(&self, parallelism: usize) -> Result<(), Error> {
         if parallelism == 0 {
             return Err(Error::invalid_config(
@@ -184,7 +212,7 @@ impl ConcurrencyGateHandle {
                 "parallelism must be at least 1",
             ));
         }
-        self.gate.set_parallelism(parallelism);
+        self.gate.set_parallelism_by_hand(parallelism);
         tracing::debug!(target: "tollgate::concurrency", parallelism, "parallelism changed");
         Ok(())
     }

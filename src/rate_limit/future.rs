@@ -14,7 +14,7 @@ use tower::{BoxError, Service};
 
 use super::service::{Asking, Decision, Reporting, Shared};
 use super::waitlist::Ticket;
-use crate::concurrency::{line_of, SeatLoan};
+use crate::concurrency::{line_of, Sample, SeatLoan};
 use crate::Error;
 
 pin_project! {
@@ -106,6 +106,9 @@ where
             let decided = match this.state.as_mut().project() {
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
+                    if let Some(gate) = &this.shared.sampler {
+                        sample(gate, buckets.now().saturating_sub(*this.sent_at), &result);
+                    }
                     if let Ok(response) = &result {
                         let reporting = this.shared.cool_down_on(
                             this.key,
@@ -243,6 +246,29 @@ where
             }
         }
     }
+}
+
+/// Tells the adaptive gate outside how an attempt sent `took` ns ago
+/// ended: 429s and answers with a `Retry-After` are throttles, the rate
+/// limiter's business, not samples; 502, 503 and 504 without one, and
+/// errors, are overload.
+fn sample<R>(gate: &crate::concurrency::Gate, took: u64, result: &Result<Response<R>, BoxError>) {
+    let sample = match result {
+        Err(_) => Sample::Overloaded,
+        Ok(response) => {
+            let status = response.status();
+            let throttle = status == http::StatusCode::TOO_MANY_REQUESTS
+                || response.headers().contains_key(http::header::RETRY_AFTER);
+            if throttle {
+                return;
+            }
+            match status.as_u16() {
+                502..=504 => Sample::Overloaded,
+                _ => Sample::Answered(Duration::from_nanos(took)),
+            }
+        }
+    };
+    gate.sample(sample);
 }
 
 /// Lends the request's gate slot while it waits for a token on `key`, so

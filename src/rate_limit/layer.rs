@@ -195,7 +195,18 @@ impl<S, F: KeyOf + Clone> Layer<S> for RateLimitLayer<F> {
     /// Each call makes a new set of buckets; clone the service, not the
     /// layer, to share them.
     fn layer(&self, inner: S) -> RateLimit<S, F> {
-        #[allow(unused_mut)]
+        self.layer_sampled(inner, None)
+    }
+}
+
+impl<F: KeyOf + Clone> RateLimitLayer<F> {
+    /// The rate limiter around `inner`; each attempt's latency and
+    /// overload answer go to `sampler`, an adaptive gate outside.
+    pub(crate) fn layer_sampled<S>(
+        &self,
+        inner: S,
+        sampler: Option<crate::sync::Arc<crate::concurrency::Gate>>,
+    ) -> RateLimit<S, F> {
         let mut shared = Shared::new(
             Buckets::new(self.quota, self.max_keys),
             self.max_wait,
@@ -212,6 +223,7 @@ impl<S, F: KeyOf + Clone> Layer<S> for RateLimitLayer<F> {
                 self.max_keys,
             ));
         }
+        shared.sampler = sampler;
         RateLimit {
             inner,
             key_of: self.key_of.clone(),

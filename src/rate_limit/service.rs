@@ -44,6 +44,9 @@ pub(crate) struct Shared<K> {
     // decide only while the store fails.
     #[cfg(feature = "redis")]
     pub(super) fleet: Option<crate::redis::Fleet<K>>,
+    // The adaptive gate outside this rate limiter, which learns its
+    // parallelism from the attempts sent here.
+    pub(super) sampler: Option<crate::sync::Arc<crate::concurrency::Gate>>,
 }
 
 /// Whether a request may go: the seam between this process's buckets and
@@ -146,6 +149,7 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
             read_published,
             #[cfg(feature = "redis")]
             fleet: None,
+            sampler: None,
         }
     }
 

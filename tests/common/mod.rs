@@ -3,6 +3,7 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod knee;
 pub mod redis_server;
 pub mod servers;
 

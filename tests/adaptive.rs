@@ -1,0 +1,195 @@
+//! Adaptive parallelism against a server that only slows down (the first
+//! seed: no 429, a knee of concurrency past which latency grows and, far
+//! past it, requests fail), and `send_all`, in virtual time.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::knee::Knee;
+use futures_util::StreamExt;
+use tokio::time::Instant;
+use tollgate::Tollgate;
+
+const BASE: Duration = Duration::from_millis(100);
+
+fn leads(n: usize) -> impl futures_util::Stream<Item = http::Request<()>> {
+    futures_util::stream::iter((0..n).map(|_| {
+        http::Request::post("http://crm.example/leads")
+            .body(())
+            .unwrap()
+    }))
+}
+
+#[derive(Debug)]
+struct Run {
+    completed: usize,
+    failed: usize,
+    secs: f64,
+    // The gate's parallelism, read every second.
+    parallelism: Vec<usize>,
+}
+
+impl Run {
+    fn goodput(&self) -> f64 {
+        self.completed as f64 / self.secs
+    }
+
+    /// The median parallelism over the second half of the run (a probe
+    /// reads a quarter of the limit for a moment: the median skips it).
+    fn settled(&self) -> usize {
+        median(&self.parallelism[self.parallelism.len() / 2..])
+    }
+}
+
+fn median(values: &[usize]) -> usize {
+    let mut values = values.to_vec();
+    values.sort_unstable();
+    values[values.len() / 2]
+}
+
+/// Sends `n` leads to `server` through the default stack at
+/// `parallelism`, adaptive inside 1..=500 if `adaptive`; `during` runs
+/// beside it (to move the knee).
+async fn run_with(
+    server: &Arc<Knee>,
+    parallelism: usize,
+    adaptive: bool,
+    n: usize,
+    during: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Run {
+    let parallelism_start = parallelism;
+    let mut builder = Tollgate::builder().parallelism(parallelism);
+    if adaptive {
+        builder = builder.adaptive_parallelism(1..=500);
+    }
+    let client = builder.build(server.service()).unwrap();
+    let handle = client.handle();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let watch = tokio::spawn({
+        let seen = Arc::clone(&seen);
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                seen.lock().unwrap().push(handle.parallelism());
+            }
+        }
+    });
+    let beside = tokio::spawn(during);
+    let start = Instant::now();
+    let mut results = client.send_all(leads(n));
+    let (mut completed, mut failed) = (0, 0);
+    let mut indices = HashSet::new();
+    while let Some((index, result)) = results.next().await {
+        assert!(indices.insert(index), "index {index} twice");
+        match result.unwrap().status().as_u16() {
+            200 => completed += 1,
+            503 => failed += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    watch.abort();
+    beside.abort();
+    assert_eq!(indices.len(), n, "every request ends once");
+    assert_eq!(client.handle().refused(), 0, "send_all is never refused");
+    let parallelism = seen.lock().unwrap().clone();
+    // `--nocapture` shows each run's figures.
+    println!(
+        "parallelism {parallelism_start}{}: {completed} completed, {failed} failed in {secs:.1} s, \
+         {:.1}/s, settled at {}",
+        if adaptive { " adaptive" } else { "" },
+        completed as f64 / secs,
+        median(&parallelism[parallelism.len() / 2..]),
+    );
+    Run {
+        completed,
+        failed,
+        secs,
+        parallelism,
+    }
+}
+
+async fn run(server: &Arc<Knee>, parallelism: usize, adaptive: bool, n: usize) -> Run {
+    run_with(server, parallelism, adaptive, n, async {}).await
+}
+
+/// The best goodput of fixed parallelisms against a fresh knee server.
+async fn best_fixed(knee: usize, n: usize) -> f64 {
+    let mut best: f64 = 0.0;
+    for parallelism in [knee / 2, knee, knee * 3 / 2, knee * 2, knee * 5 / 2] {
+        let server = Knee::new(knee, 2 * knee, BASE);
+        let run = run(&server, parallelism, false, n).await;
+        best = best.max(run.goodput());
+    }
+    best
+}
+
+#[tokio::test(start_paused = true)]
+async fn fixed_parallelism_past_the_failure_point_loses_leads() {
+    // The seed: parallelism 50 against a server that fails past 40.
+    let server = Knee::new(20, 40, BASE);
+    let run = run(&server, 50, false, 5_000).await;
+    assert!(run.failed > 500, "{run:?}");
+    assert_eq!(run.completed + run.failed, 5_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_finds_the_knee_from_one() {
+    let n = 20_000;
+    let best = best_fixed(20, n).await;
+    let server = Knee::new(20, 40, BASE);
+    let run = run(&server, 1, true, n).await;
+    let settled = run.settled();
+    assert!(
+        (14..=30).contains(&settled),
+        "settled at {settled}: {run:?}"
+    );
+    assert_eq!(run.failed, 0, "{run:?}");
+    let share = run.goodput() / best;
+    assert!(
+        share >= 0.9,
+        "goodput {share:.3} of the best fixed: {run:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_finds_the_knee_from_two_hundred() {
+    let n = 20_000;
+    let best = best_fixed(20, n).await;
+    let server = Knee::new(20, 40, BASE);
+    let run = run(&server, 200, true, n).await;
+    let settled = run.settled();
+    assert!(
+        (14..=30).contains(&settled),
+        "settled at {settled}: {run:?}"
+    );
+    // The first rounds at 200 fail what the server cannot take.
+    assert!(run.failed < n / 100, "{run:?}");
+    let share = run.goodput() / best;
+    assert!(
+        share >= 0.9,
+        "goodput {share:.3} of the best fixed: {run:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_follows_a_knee_that_moves() {
+    let server = Knee::new(20, 40, BASE);
+    let moving = Arc::clone(&server);
+    // 60 s at a knee of 20, 60 s at 10, then 40.
+    let run = run_with(&server, 25, true, 40_000, async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        moving.set_knee(10, 20);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        moving.set_knee(40, 80);
+    })
+    .await;
+    let at = |from: usize, to: usize| median(&run.parallelism[from..to.min(run.parallelism.len())]);
+    assert!((14..=30).contains(&at(30, 59)), "{run:?}");
+    assert!((7..=15).contains(&at(90, 119)), "{run:?}");
+    assert!((27..=60).contains(&at(150, 180)), "{run:?}");
+    assert!(run.parallelism.len() > 150, "{run:?}");
+}

@@ -1,0 +1,116 @@
+//! A server with a concurrency knee and no 429: the first seed's CRM. Up
+//! to `knee` requests at once each takes `base`; past it each takes
+//! `base * concurrency / knee` (the server queues them inside: throughput
+//! stays at `knee / base`); past `fails_beyond` it answers 503 without
+//! `Retry-After` after 10 ms ("resources are not available"). Shared by
+//! `tests/adaptive.rs` and `benches/knee.rs`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower::BoxError;
+
+/// The knee server's state; clone the service it gives.
+#[derive(Debug)]
+pub struct Knee {
+    base: Duration,
+    knee: AtomicUsize,
+    fails_beyond: AtomicUsize,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+    failed: AtomicU64,
+    // How long each served request took at the server.
+    latencies: Mutex<Vec<Duration>>,
+}
+
+/// How long an overloaded request takes to fail.
+const FAIL_AFTER: Duration = Duration::from_millis(10);
+
+impl Knee {
+    pub fn new(knee: usize, fails_beyond: usize, base: Duration) -> Arc<Knee> {
+        Arc::new(Knee {
+            base,
+            knee: AtomicUsize::new(knee),
+            fails_beyond: AtomicUsize::new(fails_beyond),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            latencies: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Moves the knee (and the failure point) from now on.
+    pub fn set_knee(&self, knee: usize, fails_beyond: usize) {
+        self.knee.store(knee, Ordering::Relaxed);
+        self.fails_beyond.store(fails_beyond, Ordering::Relaxed);
+    }
+
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Requests at the server now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The `q` quantile (0..=1) of the served requests' time at the server.
+    pub fn latency_quantile(&self, q: f64) -> Duration {
+        let mut latencies = self.latencies.lock().unwrap().clone();
+        if latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        latencies.sort_unstable();
+        let at = ((latencies.len() - 1) as f64 * q).round() as usize;
+        latencies[at]
+    }
+
+    /// The server as a `tower::Service`.
+    pub fn service(
+        self: &Arc<Self>,
+    ) -> impl tower::Service<
+        Request<()>,
+        Response = Response<()>,
+        Error = BoxError,
+        Future = impl Send + 'static,
+    > + Clone
+           + Send
+           + 'static {
+        let knee = Arc::clone(self);
+        tower::service_fn(move |_request: Request<()>| {
+            let knee = Arc::clone(&knee);
+            async move {
+                let at = knee.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                let _leave = Leave(&knee.in_flight);
+                if at > knee.fails_beyond.load(Ordering::Relaxed) {
+                    tokio::time::sleep(FAIL_AFTER).await;
+                    knee.failed.fetch_add(1, Ordering::Relaxed);
+                    let mut response = Response::new(());
+                    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    return Ok::<_, BoxError>(response);
+                }
+                let k = knee.knee.load(Ordering::Relaxed).max(1);
+                let took = knee.base * (at.max(k) as u32) / k as u32;
+                tokio::time::sleep(took).await;
+                knee.served.fetch_add(1, Ordering::Relaxed);
+                knee.latencies.lock().unwrap().push(took);
+                Ok(Response::new(()))
+            }
+        })
+    }
+}
+
+/// Leaves the server's count when the request ends or is dropped.
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
