@@ -12,6 +12,7 @@ use common::knee::Knee;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 use tollgate::Tollgate;
+use tower::ServiceExt;
 
 const BASE: Duration = Duration::from_millis(100);
 
@@ -192,4 +193,76 @@ async fn adaptive_follows_a_knee_that_moves() {
     assert!((7..=15).contains(&at(90, 119)), "{run:?}");
     assert!((27..=60).contains(&at(150, 180)), "{run:?}");
     assert!(run.parallelism.len() > 150, "{run:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttles_are_the_rate_limiters_not_overload() {
+    // Every other request is throttled (429, or 503 naming its pause):
+    // the gate must not read that as an overloaded server.
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = tower::service_fn(move |_request: http::Request<()>| {
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            tokio::time::sleep(BASE).await;
+            let status = match n % 4 {
+                1 => 429,
+                3 => 503,
+                _ => 200,
+            };
+            let response = http::Response::builder()
+                .status(status)
+                .header("retry-after", "1")
+                .body(())
+                .unwrap();
+            Ok::<_, tower::BoxError>(response)
+        }
+    });
+    let client = Tollgate::builder()
+        .parallelism(20)
+        .adaptive_parallelism(1..=500)
+        .build(server)
+        .unwrap();
+    let handle = client.handle();
+    let mut results = client.send_all(leads(2_000));
+    let mut least = usize::MAX;
+    while let Some((_, result)) = results.next().await {
+        result.unwrap();
+        least = least.min(handle.parallelism());
+    }
+    assert!(least >= 20, "throttles cut the parallelism to {least}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_alone_learns_from_its_calls() {
+    use tower::Layer;
+    // A service that fails every call (connection refused, say).
+    let failing = tower::service_fn(|_request: http::Request<()>| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Err::<http::Response<()>, _>(tower::BoxError::from("connection refused"))
+    });
+    let client = tollgate::ConcurrencyGateLayer::new(64)
+        .adaptive_parallelism(2..=64)
+        .layer(failing);
+    let handle = client.handle();
+    let results: Vec<_> = client.send_all(leads(2_000)).collect().await;
+    assert_eq!(results.len(), 2_000);
+    assert_eq!(handle.parallelism(), 2, "cut to the range's floor");
+
+    // An empty range refuses every call with a typed error.
+    #[allow(clippy::reversed_empty_ranges)]
+    let empty = 5..=4;
+    let client = tollgate::ConcurrencyGateLayer::new(4)
+        .adaptive_parallelism(empty)
+        .layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, tower::BoxError>(http::Response::new(()))
+        }));
+    let error = client.oneshot(http::Request::new(())).await.unwrap_err();
+    assert!(matches!(
+        error.downcast_ref::<tollgate::Error>(),
+        Some(tollgate::Error::InvalidConfig { .. })
+    ));
+    assert!(Tollgate::builder()
+        .adaptive_parallelism(0..=10)
+        .build(Knee::new(1, 2, BASE).service())
+        .is_err());
 }
