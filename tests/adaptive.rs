@@ -189,6 +189,12 @@ async fn adaptive_follows_a_knee_that_moves() {
     })
     .await;
     let at = |from: usize, to: usize| median(&run.parallelism[from..to.min(run.parallelism.len())]);
+    println!(
+        "knee 20: {}, knee 10: {}, knee 40: {}",
+        at(30, 59),
+        at(90, 119),
+        at(150, 180)
+    );
     assert!((14..=30).contains(&at(30, 59)), "{run:?}");
     assert!((7..=15).contains(&at(90, 119)), "{run:?}");
     assert!((27..=60).contains(&at(150, 180)), "{run:?}");
