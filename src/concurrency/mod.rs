@@ -86,6 +86,16 @@
 //! [`ConcurrencyGate`] for how `poll_ready` and `call` divide the work, and
 //! [`ConcurrencyGateHandle`] for live figures and run-time parallelism.
 //!
+//! # A batch, and a parallelism that finds the server's knee
+//!
+//! [`ConcurrencyGate::send_all`] drives a stream of requests through the
+//! gate, keeping exactly what it admits in hand, so a batch of any size is
+//! never refused. [`ConcurrencyGateLayer::adaptive_parallelism`] lets the
+//! parallelism follow a server that publishes no limit: it rises while the
+//! server's latency stays flat and settles a few requests past the
+//! concurrency where the server starts to queue (`src/concurrency/adaptive.rs` says how
+//! and why, constant by constant).
+//!
 //! # Example
 //!
 //! ```
