@@ -1,5 +1,6 @@
-//! Cost of the retry layer on the success path (tollgate vs tower::retry),
-//! of computing delays, and of parsing Retry-After.
+//! Cost of the retry layer on the success path (tollgate vs tower::retry,
+//! with and without a retry budget), of computing delays, and of parsing
+//! Retry-After.
 //!
 //! cargo bench --bench retry
 
@@ -9,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use tollgate::{retry_after, Backoff, Jitter, RetryLayer};
+use tollgate::{retry_after, Backoff, Jitter, RetryBudget, RetryLayer};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 /// The cheapest possible inner service, so the layer's own cost shows.
@@ -79,6 +80,14 @@ fn success_path(c: &mut Criterion) {
     });
     group.bench_function("tollgate::Retry", |b| {
         let mut svc = RetryLayer::new(Backoff::power_automate()).layer(ok_service());
+        b.iter(|| rt.block_on(async { svc.ready().await.unwrap().call(request()).await.unwrap() }));
+    });
+    // The first try's deposit (a clock read and one atomic update) is the
+    // budget's cost on a request that succeeds.
+    group.bench_function("tollgate::Retry, with budget", |b| {
+        let mut svc = RetryLayer::new(Backoff::power_automate())
+            .budget(RetryBudget::default())
+            .layer(ok_service());
         b.iter(|| rt.block_on(async { svc.ready().await.unwrap().call(request()).await.unwrap() }));
     });
     group.finish();

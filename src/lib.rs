@@ -168,7 +168,7 @@ pub use concurrency::{ConcurrencyGate, ConcurrencyGateLayer};
 pub use error::Error;
 pub use ext::ServiceBuilderExt;
 pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
-pub use retry::{retry_after, Backoff, Jitter, Retry, RetryLayer};
+pub use retry::{retry_after, Backoff, Jitter, Retry, RetryBudget, RetryLayer};
 
 /// The README's examples, compiled and run as doctests (with features
 /// `reqwest` and `redis`, which two of them use; CI runs all features).

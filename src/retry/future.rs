@@ -11,6 +11,7 @@ use tokio::time::{sleep, Instant, Sleep};
 use tower::{BoxError, Service};
 
 use super::backoff::Delays;
+use super::budget::Ledger;
 use super::replay::try_replay_request;
 use super::service::Shared;
 use super::{retry_after, Classify, Outcome, ReplayBody};
@@ -90,6 +91,7 @@ enum Stop {
     RetriesSpent,
     RetryAfterTooLong,
     PastDeadline,
+    BudgetSpent,
 }
 
 impl<S, B, R, C> Future for ResponseFuture<S, B, C>
@@ -134,6 +136,8 @@ where
                             config.retry_after_alone && *this.attempt <= 2,
                         )
                         .and_then(|delays| within(*this.deadline, delays))
+                        // Last: only a retry that would otherwise go spends.
+                        .and_then(|delays| spend(this.shared.budget.as_ref(), delays))
                     };
                     let (delay, policy, server) = match stop {
                         Ok(delays) => delays,
@@ -232,6 +236,28 @@ fn within(deadline: Option<Instant>, delays: Delay) -> Result<Delay, Stop> {
         Some(retry_at) if retry_at <= end => Ok(delays),
         _ => Err(Stop::PastDeadline),
     }
+}
+
+/// `delays` if the retry after them needs no budget (none is set, or the
+/// server scheduled it with a non-zero `Retry-After`, which every retry
+/// that goes honours) or the budget has one left, which it spends.
+fn spend(budget: Option<&Ledger>, delays: Delay) -> Result<Delay, Stop> {
+    let Some(budget) = budget else {
+        return Ok(delays);
+    };
+    if delays.2.is_some_and(|asked| !asked.is_zero()) {
+        return Ok(delays);
+    }
+    budget.withdraw().map(|()| delays).map_err(|spent| {
+        tracing::debug!(
+            target: "tollgate::retry",
+            first_tries = spent.first_tries,
+            retries = spent.retries,
+            allowed = spent.allowed,
+            "retry budget spent in the window"
+        );
+        Stop::BudgetSpent
+    })
 }
 
 impl<S, B, C> fmt::Debug for ResponseFuture<S, B, C>

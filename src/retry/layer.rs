@@ -6,7 +6,8 @@ use std::time::Duration;
 use tower::Layer;
 
 use super::backoff::random_u64;
-use super::{Backoff, Classify, DefaultClassify, Retry};
+use super::budget::Ledger;
+use super::{Backoff, Classify, DefaultClassify, Retry, RetryBudget};
 
 /// Applies [`Retry`] to a service: retries what [`Classify`] calls
 /// retryable, waiting `max(backoff delay, Retry-After)` before each retry.
@@ -26,6 +27,7 @@ pub struct RetryLayer<C = DefaultClassify> {
     pub(super) max_retry_after: Duration,
     pub(super) deadline: Option<Duration>,
     pub(super) retry_after_alone: bool,
+    pub(super) budget: Option<RetryBudget>,
     pub(super) classify: C,
 }
 
@@ -39,14 +41,15 @@ impl RetryLayer {
     pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
 
     /// Retries on `backoff`'s schedule with the [`DefaultClassify`] rule, a
-    /// 5-minute [`max_retry_after`](RetryLayer::max_retry_after) and no
-    /// deadline.
+    /// 5-minute [`max_retry_after`](RetryLayer::max_retry_after), no
+    /// deadline and no budget.
     pub const fn new(backoff: Backoff) -> Self {
         RetryLayer {
             backoff,
             max_retry_after: Self::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
             retry_after_alone: false,
+            budget: None,
             classify: DefaultClassify::new(),
         }
     }
@@ -104,6 +107,22 @@ impl<C> RetryLayer<C> {
         self
     }
 
+    /// Caps retries at a share of first tries over a window (default: no
+    /// cap; see [`RetryBudget`]). Each service a [`layer`](Layer::layer)
+    /// call builds counts its own first tries and retries; clones of a
+    /// service share the count. A retry the budget refuses returns the
+    /// last response (or error), as when the retries run out.
+    ///
+    /// A retry of a response with a non-zero `Retry-After` neither needs
+    /// nor spends budget: the server scheduled it (and, below this layer in
+    /// the [`Tollgate`](crate::Tollgate) stack, the rate limiter's pause and
+    /// pace of the connection space it). An invalid budget is clamped as
+    /// [`RetryBudget`] documents, never a panic.
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
     /// Replaces the rule deciding which outcomes retry: a [`Classify`], such
     /// as a closure `Fn(&Method, &Outcome<'_>) -> bool`.
     pub fn classify<D: Classify>(self, classify: D) -> RetryLayer<D> {
@@ -112,6 +131,7 @@ impl<C> RetryLayer<C> {
             max_retry_after: self.max_retry_after,
             deadline: self.deadline,
             retry_after_alone: self.retry_after_alone,
+            budget: self.budget,
             classify,
         }
     }
@@ -129,6 +149,7 @@ impl<C> fmt::Debug for RetryLayer<C> {
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
             .field("retry_after_alone", &self.retry_after_alone)
+            .field("budget", &self.budget)
             .field("classify", &std::any::type_name::<C>())
             .finish()
     }
@@ -144,6 +165,7 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
                 config: self.clone(),
                 requests: AtomicU64::new(0),
                 unseeded_key: random_u64(),
+                budget: self.budget.as_ref().map(Ledger::new),
             }),
         }
     }

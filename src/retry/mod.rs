@@ -20,7 +20,12 @@
 //! - the body cannot be replayed ([`ReplayBody`]): the request is sent once;
 //! - the server asks for longer than
 //!   [`max_retry_after`](RetryLayer::max_retry_after) (default 5 minutes);
-//! - the next retry would start past the [`deadline`](RetryLayer::deadline).
+//! - the next retry would start past the [`deadline`](RetryLayer::deadline);
+//! - the [`budget`](RetryLayer::budget), if one is set, has no retry left:
+//!   retries are capped at a share of first tries over a window
+//!   ([`RetryBudget`]), so an outage does not multiply the load by the
+//!   retry count. A retry of a response with a non-zero `Retry-After` is
+//!   exempt: the server scheduled it.
 //!
 //! Every retry emits a `tracing` event at `DEBUG` (target `tollgate::retry`)
 //! with the attempt number, the delay chosen, the policy's delay, the
@@ -61,6 +66,7 @@
 //!   wait is a `tokio::time` sleep, so tests run in virtual time.
 
 mod backoff;
+mod budget;
 mod classify;
 mod future;
 mod layer;
@@ -69,6 +75,7 @@ pub mod retry_after;
 mod service;
 
 pub use backoff::{Backoff, Delays, Jitter};
+pub use budget::RetryBudget;
 pub use classify::{Classify, DefaultClassify, Outcome};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;

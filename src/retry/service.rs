@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
+use super::budget::Ledger;
 use super::future::ResponseFuture;
 use super::replay::try_replay_request;
 use super::{Classify, DefaultClassify, ReplayBody, RetryLayer};
@@ -13,7 +14,8 @@ use super::{Classify, DefaultClassify, ReplayBody, RetryLayer};
 /// Retries a request while its outcome is retryable and the schedule, the
 /// deadline and the server's `Retry-After` allow. Made by [`RetryLayer`].
 ///
-/// Clones share the configuration and the per-request jitter counter.
+/// Clones share the configuration, the per-request jitter counter and the
+/// [`budget`](RetryLayer::budget)'s count.
 pub struct Retry<S, C = DefaultClassify> {
     pub(super) inner: S,
     pub(super) shared: Arc<Shared<C>>,
@@ -26,6 +28,8 @@ pub(super) struct Shared<C> {
     pub(super) requests: AtomicU64,
     /// The jitter key when the backoff has no seed, drawn per service.
     pub(super) unseeded_key: u64,
+    /// The first tries and retries the budget counts, if one is set.
+    pub(super) budget: Option<Ledger>,
 }
 
 impl<S, C> Retry<S, C> {
@@ -81,6 +85,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let config = &self.shared.config;
         let number = self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(budget) = &self.shared.budget {
+            budget.deposit();
+        }
         let delays = config
             .backoff
             .stream_for_request(number, self.shared.unseeded_key);
