@@ -379,8 +379,23 @@ impl Gate {
             }
         }
         state.in_flight -= 1;
+        // Over a lowered parallelism the slot is not handed on, so a ticket
+        // may still wait for the one a request kept for want of a waiting
+        // place: the stuck request woken for that ticket may have been this
+        // one, on its way to the server. Wake the next to swap its slot.
+        // (Without it, parallelism lowered below the slots kept by requests
+        // waiting behind their connection's head, with the head waiting
+        // for a slot, left them waiting for each other: an adaptive gate
+        // cut to 5 froze `tests/learning.rs`'s sliding window.)
+        let next_stuck = match state.lines.len() {
+            0 => None,
+            _ => state.stuck.pop_first().map(|(_, waker)| waker),
+        };
         drop(state);
         drop(forgotten);
+        if let Some(waker) = next_stuck {
+            waker.wake();
+        }
     }
 
     /// Lends slot `ticket` back while its request waits for a token: to
@@ -904,6 +919,50 @@ mod tests {
         drop(first.into_slot());
         assert!(second.poll_granted(&mut cx()).is_ready());
         assert!(third.poll_granted(&mut cx()).is_pending());
+    }
+
+    #[test]
+    fn a_slot_not_handed_on_wakes_the_next_keeper_for_a_waiting_ticket() {
+        let g = Arc::new(Gate::new(3, 1, true));
+        let first = slot(Gate::admit(&g, 1));
+        let second = slot(Gate::admit(&g, 2));
+        let third = slot(Gate::admit(&g, 2));
+        let lent = first.lend(1, &noop()).expect("the one place is free");
+        // Both others wait for tokens behind heads of their lines; no place
+        // is free, so they keep their slots.
+        let (flags, wakers): (Vec<_>, Vec<_>) = (0..2)
+            .map(|_| {
+                let flag = std::sync::Arc::new(Flag::default());
+                (std::sync::Arc::clone(&flag), Waker::from(flag))
+            })
+            .unzip();
+        let Err(second) = second.lend(2, &wakers[0]) else {
+            panic!("no waiting place is free");
+        };
+        let Err(third) = third.lend(2, &wakers[1]) else {
+            panic!("no waiting place is free");
+        };
+        g.set_parallelism(1);
+        // The lender's token is due; the slots are over the parallelism, so
+        // it waits, and the first keeper is woken to swap with it...
+        let Err(mut back) = lent.reclaim() else {
+            panic!("over the parallelism");
+        };
+        assert!(flags[0].0.load(Ordering::SeqCst));
+        // ... but its own token came meanwhile: it is sent and answered.
+        // Its slot is not handed on (2 > 1): the next keeper must swap.
+        drop(second);
+        assert!(back.poll_granted(&mut cx()).is_pending());
+        assert!(
+            flags[1].0.load(Ordering::SeqCst),
+            "the next keeper is woken"
+        );
+        let lent_now = third
+            .lend(2, &noop())
+            .expect("a swap with the waiting ticket");
+        assert!(back.poll_granted(&mut cx()).is_ready());
+        drop((back.into_slot(), lent_now));
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (0, 0, 0));
     }
 
     #[derive(Default)]
