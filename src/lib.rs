@@ -19,7 +19,11 @@
 //!   `10 + parallelism` more waiting (first come first served, in turn
 //!   between connections), and an immediate, typed refusal beyond
 //!   ([`ConcurrencyGateLayer`]); a request waiting for its connection's
-//!   token lends its slot to one that can go.
+//!   token lends its slot to one that can go. The parallelism can adapt to
+//!   a server that publishes no limit and only slows down
+//!   ([`adaptive_parallelism`](ConcurrencyGateLayer::adaptive_parallelism)),
+//!   and [`send_all`](ConcurrencyGate::send_all) drives a whole batch
+//!   through the gate without a refusal.
 //! - `redis` (feature `redis`): each connection's bucket, cool-down and
 //!   learned pace shared by a fleet of processes through Redis, so N
 //!   workers hold a connection to one quota.
@@ -63,6 +67,8 @@
 //! | one throttled request should pause every request on that connection | [`RateLimitLayer`] |
 //! | the server (or API) has a documented quota per connection, key or tenant | [`RateLimitLayer`] with a [`Quota`] |
 //! | a burst of work must not all hit the server at once, and overload should be refused | [`ConcurrencyGateLayer`] |
+//! | the server publishes no limit, it slows down and then fails; which parallelism? | [`TollgateBuilder::adaptive_parallelism`] |
+//! | a batch of a million requests, none refused for a full queue | [`ConcurrencyGate::send_all`] |
 //! | all of it, with defaults from Power Automate | [`Tollgate::builder`] |
 //! | many processes (pods, workers) share one server's quota | `redis::RedisStore` (feature `redis`) given to `.store(..)` |
 //!
