@@ -72,7 +72,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `retry_after_alone` | on (with `learn_rate`) | a throttled request's first two retries wait the server's `Retry-After` and its connection's pace, not the backoff's 5-7.5 s on top: the connection already spaces it |
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
-/// | `retry_budget` | [`RetryBudget::default`]: retries up to 20% of first tries plus 10 a second, over 10 s | in an outage (503 without `Retry-After`, errors) a stream of 2,000 requests sends 2,878 attempts, not 10,000 (`tests/retry_budget.rs`); throttling is untouched, since a retry after a non-zero `Retry-After` spends none: `tests/learning.rs` and `benches/throttled.rs` give the same figures with it as without |
+/// | `retry_budget` | none | the gate already bounds an outage's retries: a request keeps its slot while it sleeps before a retry, so at most `parallelism` requests retry at once. A budget frees those slots for first tries that fail too: in `benches/knee.rs`'s 30 s outage at parallelism 200 it *raised* the attempts sent during the outage from 602 to 3,260 and failed 2,431 of 6,000 leads a batch without it delivered. Set one for a stack whose parallelism is high and whose callers should fail fast (see [`RetryBudget`]) |
 ///
 /// Without a quota, the server's 429s hold each connection back: the first
 /// pauses it for `Retry-After`, and each teaches it a pace just under the
@@ -141,7 +141,7 @@ impl TollgateBuilder {
             max_retry_after: RetryLayer::DEFAULT_MAX_RETRY_AFTER,
             deadline: None,
             retry_after_alone: None,
-            retry_budget: Some(RetryBudget::default()),
+            retry_budget: None,
             learn_rate: true,
             learn_from_headers: true,
             #[cfg(feature = "redis")]
@@ -246,17 +246,17 @@ impl<F> TollgateBuilder<F> {
     }
 
     /// Caps retries at a share of first tries (see [`RetryLayer::budget`];
-    /// default [`RetryBudget::default`]; off with
-    /// [`no_retry_budget`](TollgateBuilder::no_retry_budget)). An invalid
-    /// budget is [`Error::InvalidConfig`] from
+    /// default: none, for the reason in this type's defaults table; off
+    /// again with [`no_retry_budget`](TollgateBuilder::no_retry_budget)).
+    /// An invalid budget is [`Error::InvalidConfig`] from
     /// [`build`](TollgateBuilder::build).
     pub fn retry_budget(mut self, budget: RetryBudget) -> Self {
         self.retry_budget = Some(budget);
         self
     }
 
-    /// Retries without a budget: each request retries as its backoff
-    /// allows, whatever the others do.
+    /// Retries without a budget (the default): each request retries as its
+    /// backoff allows, whatever the others do, bounded by the gate's slots.
     pub fn no_retry_budget(mut self) -> Self {
         self.retry_budget = None;
         self

@@ -21,6 +21,9 @@ pub struct Knee {
     in_flight: AtomicUsize,
     served: AtomicU64,
     failed: AtomicU64,
+    arrivals: AtomicU64,
+    // Down (every request 503 after 10 ms) until then.
+    down_until: Mutex<Option<tokio::time::Instant>>,
     // How long each served request took at the server.
     latencies: Mutex<Vec<Duration>>,
 }
@@ -37,6 +40,8 @@ impl Knee {
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            arrivals: AtomicU64::new(0),
+            down_until: Mutex::new(None),
             latencies: Mutex::new(Vec::new()),
         })
     }
@@ -45,6 +50,23 @@ impl Knee {
     pub fn set_knee(&self, knee: usize, fails_beyond: usize) {
         self.knee.store(knee, Ordering::Relaxed);
         self.fails_beyond.store(fails_beyond, Ordering::Relaxed);
+    }
+
+    /// Down for `outage` from now: every request fails (an outage).
+    pub fn fail_for(&self, outage: Duration) {
+        *self.down_until.lock().unwrap() = Some(tokio::time::Instant::now() + outage);
+    }
+
+    /// Requests that reached the server, answered or failed.
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals.load(Ordering::Relaxed)
+    }
+
+    fn down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap()
+            .is_some_and(|until| tokio::time::Instant::now() < until)
     }
 
     pub fn served(&self) -> u64 {
@@ -86,9 +108,10 @@ impl Knee {
         tower::service_fn(move |_request: Request<()>| {
             let knee = Arc::clone(&knee);
             async move {
+                knee.arrivals.fetch_add(1, Ordering::Relaxed);
                 let at = knee.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
                 let _leave = Leave(&knee.in_flight);
-                if at > knee.fails_beyond.load(Ordering::Relaxed) {
+                if at > knee.fails_beyond.load(Ordering::Relaxed) || knee.down() {
                     tokio::time::sleep(FAIL_AFTER).await;
                     knee.failed.fetch_add(1, Ordering::Relaxed);
                     let mut response = Response::new(());
