@@ -163,7 +163,7 @@ impl GradientLimit {
 
     /// Counts one sample; when it closes a round, returns the new
     /// parallelism. `demand` (read only then) is how many requests the
-    /// caller has in the gate: in flight, waiting and lent.
+    /// caller has ready to send: in flight and waiting for a slot.
     pub(crate) fn sample(
         &mut self,
         sample: Sample,

@@ -259,9 +259,14 @@ impl Gate {
             .limit
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // What the caller has ready to send: working, or waiting for a
+        // slot. Not the requests waiting for their connection's token (lent
+        // slots): more parallelism would not send them sooner, and counting
+        // them let a paced connection's latency, flat because the rate
+        // limiter spaces it, raise the limit far past any use.
         let demand = || {
             let state = self.lock();
-            state.in_flight + state.lines.len() + state.lent
+            state.in_flight + state.lines.len()
         };
         let Some(parallelism) = limit.sample(sample, demand) else {
             return;
