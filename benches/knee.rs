@@ -42,7 +42,7 @@ use std::time::Duration;
 mod knee;
 
 use futures_util::StreamExt;
-use knee::Knee;
+use knee::{Knee, Watch};
 use tokio::time::Instant;
 use tollgate::concurrency::ConcurrencyGateHandle;
 use tollgate::Tollgate;
@@ -97,16 +97,7 @@ async fn import(leads: usize, parallelism: usize, mode: Mode) -> Row {
     if let Some((control, _)) = &anchor {
         control.lock().unwrap().1 = Some(handle.clone());
     }
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let watch = tokio::spawn({
-        let seen = Arc::clone(&seen);
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                seen.lock().unwrap().push(handle.parallelism());
-            }
-        }
-    });
+    let watch = Watch::start(handle, Duration::from_millis(500));
     let requests = futures_util::stream::iter((0..leads).map(|_| {
         http::Request::post("http://crm.example/leads")
             .body(())
@@ -122,8 +113,7 @@ async fn import(leads: usize, parallelism: usize, mode: Mode) -> Row {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    watch.abort();
-    let mut seen = seen.lock().unwrap().clone();
+    let mut seen = watch.stop();
     let half = seen.len() / 2;
     let second_half = &mut seen[half..];
     second_half.sort_unstable();

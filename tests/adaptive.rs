@@ -5,10 +5,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::knee::Knee;
+use common::knee::{Knee, Watch};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 use tollgate::Tollgate;
@@ -68,16 +68,7 @@ async fn run_with(
     }
     let client = builder.build(server.service()).unwrap();
     let handle = client.handle();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let watch = tokio::spawn({
-        let seen = Arc::clone(&seen);
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                seen.lock().unwrap().push(handle.parallelism());
-            }
-        }
-    });
+    let watch = Watch::start(handle, Duration::from_secs(1));
     let beside = tokio::spawn(during);
     let start = Instant::now();
     let mut results = client.send_all(leads(n));
@@ -92,11 +83,10 @@ async fn run_with(
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    watch.abort();
+    let parallelism = watch.stop();
     beside.abort();
     assert_eq!(indices.len(), n, "every request ends once");
     assert_eq!(client.handle().refused(), 0, "send_all is never refused");
-    let parallelism = seen.lock().unwrap().clone();
     // `--nocapture` shows each run's figures.
     println!(
         "parallelism {parallelism_start}{}: {completed} completed, {failed} failed in {secs:.1} s, \

@@ -137,3 +137,32 @@ impl Drop for Leave<'_> {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// A gate's parallelism read every `every`, until stopped: what an
+/// adaptive gate chose over a run.
+pub struct Watch {
+    seen: Arc<Mutex<Vec<usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    pub fn start(handle: tollgate::concurrency::ConcurrencyGateHandle, every: Duration) -> Watch {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    seen.lock().unwrap().push(handle.parallelism());
+                }
+            }
+        });
+        Watch { seen, task }
+    }
+
+    /// Stops reading; what was read, in order.
+    pub fn stop(self) -> Vec<usize> {
+        self.task.abort();
+        self.seen.lock().unwrap().clone()
+    }
+}
