@@ -45,7 +45,7 @@ use futures_util::StreamExt;
 use knee::{Knee, Watch};
 use tokio::time::Instant;
 use tollgate::concurrency::ConcurrencyGateHandle;
-use tollgate::Tollgate;
+use tollgate::{Backoff, RetryBudget, RetryLayer, Tollgate};
 use tower::util::BoxCloneService;
 use tower::{BoxError, Service, ServiceExt};
 
@@ -356,17 +356,19 @@ async fn outage(leads: usize, feed: Feed, budget: bool, parallelism: usize) -> O
             .expect("a valid request")
     };
     let client: Client = if gate {
-        let builder = Tollgate::builder().parallelism(parallelism);
+        let builder = Tollgate::builder()
+            .parallelism(parallelism)
+            .retry(Backoff::power_automate().seed(7));
         let builder = if budget {
-            builder
+            builder.retry_budget(RetryBudget::default())
         } else {
             builder.no_retry_budget()
         };
         BoxCloneService::new(builder.build(server.service()).expect("a valid stack"))
     } else {
-        let layer = tollgate::RetryLayer::new(tollgate::Backoff::power_automate());
+        let layer = RetryLayer::new(Backoff::power_automate().seed(7));
         let layer = if budget {
-            layer.budget(tollgate::RetryBudget::default())
+            layer.budget(RetryBudget::default())
         } else {
             layer
         };

@@ -72,7 +72,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `retry_after_alone` | on (with `learn_rate`) | a throttled request's first two retries wait the server's `Retry-After` and its connection's pace, not the backoff's 5-7.5 s on top: the connection already spaces it |
 /// | `max_retry_after` | 5 minutes | Power Platform meters in 5-minute windows |
 /// | `deadline` | none | bound attempts with a timeout layer inside if needed |
-/// | `retry_budget` | none | the gate already bounds an outage's retries: a request keeps its slot while it sleeps before a retry, so at most `parallelism` requests retry at once. A budget frees those slots for first tries that fail too: in `benches/knee.rs`'s 30 s outage at parallelism 200 it *raised* the attempts sent during the outage from 602 to 3,260 and failed 2,431 of 6,000 leads a batch without it delivered. Set one for a stack whose parallelism is high and whose callers should fail fast (see [`RetryBudget`]) |
+/// | `retry_budget` | none | the gate already bounds an outage's retries: a request keeps its slot while it sleeps before a retry, so at most `parallelism` requests retry at once. A budget frees those slots for first tries that fail too: in `benches/knee.rs`'s 30 s outage at parallelism 200 it *raised* the attempts sent during the outage from 602 to 3,370 and failed 2,523 of 6,000 leads a batch without it delivered. Set one for a stack whose parallelism is high and whose callers should fail fast (see [`RetryBudget`]) |
 ///
 /// Without a quota, the server's 429s hold each connection back: the first
 /// pauses it for `Retry-After`, and each teaches it a pace just under the

@@ -34,12 +34,12 @@ use crate::Error;
 /// service's requests): there each caller's retries add to the load, and a
 /// budget caps them, at a price: requests it denies fail that retrying
 /// would have delivered (`benches/knee.rs`, a 30 s outage, 100 requests a
-/// second: 12,618 attempts without, 6,901 with, and 2,832 of 6,000
+/// second: 12,609 attempts without, 6,901 with, and 2,832 of 6,000
 /// requests failed). Behind a [`ConcurrencyGate`](crate::ConcurrencyGate)
 /// with its slots held through retries (the [`Tollgate`](crate::Tollgate)
 /// stack) the gate already bounds them, and a budget frees the slots of
 /// sleeping retries for first tries that fail too: at parallelism 200 it
-/// raised the attempts during that outage from 602 to 3,260. So the
+/// raised the attempts during that outage from 602 to 3,370. So the
 /// builder sets none unless told to.
 ///
 /// A retry of a response carrying a non-zero `Retry-After` neither needs
