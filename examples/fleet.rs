@@ -29,7 +29,10 @@
 //!
 //! Otherwise each worker runs tollgate's default stack: 25 requests at a
 //! time, retries on `Backoff::power_automate()` (the builder's default),
-//! which never waits less than the server's `Retry-After`. The table shows,
+//! which never waits less than the server's `Retry-After`. Each feeds its
+//! leads to `client.send_all(..)`, which keeps as many in hand as the gate
+//! admits (25 running, 10 + 25 waiting), so none is refused for a full
+//! queue. The table shows,
 //! per run, the leads delivered and lost (a lead still refused after its
 //! retries is lost), the 429s the server answered, goodput as a fraction of
 //! the server's capacity (leads delivered over the time from the common
@@ -77,7 +80,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate::redis::RedisStore;
 use tollgate::{Quota, Tollgate};
-use tower::{BoxError, ServiceExt};
+use tower::BoxError;
 
 const WORKERS: u64 = 4;
 const LEADS_PER_WORKER: u64 = 500;
@@ -88,9 +91,6 @@ const SERVER_PER_SECOND: u32 = 50;
 const CAPACITY: f64 = SERVER_PER_SECOND as f64 * CONNECTIONS.len() as f64;
 /// Each worker's concurrency gate: the builder's default, written out.
 const PARALLELISM: usize = 25;
-/// Leads a worker keeps in hand: as many as its gate admits (25 running,
-/// 10 + 25 waiting), so none is refused.
-const IN_HAND: usize = PARALLELISM + 10 + PARALLELISM;
 /// Time given to the workers to start and connect before the common start.
 const STARTUP: Duration = Duration::from_millis(1_500);
 
@@ -270,36 +270,22 @@ async fn worker(job: Job) -> Result<(), BoxError> {
     ))
     .await;
 
-    let server = job.server;
-    let outcomes: Vec<Result<(), String>> =
-        stream::iter(job.first_lead..job.first_lead + job.leads)
-            .map(|n| {
-                let client = client.clone();
-                async move {
-                    let response = client
-                        .oneshot(lead(server, n))
-                        .await
-                        .map_err(|error| format!("lead {n} failed: {error}"))?;
-                    let status = response.status();
-                    response
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|error| format!("lead {n}: reading the answer: {error}"))?;
-                    if !status.is_success() {
-                        return Err(format!("lead {n} ended {status}"));
-                    }
-                    Ok(())
-                }
-            })
-            .buffer_unordered(IN_HAND)
-            .collect()
-            .await;
+    let leads = job.first_lead..job.first_lead + job.leads;
+    let mut results = client.send_all(stream::iter(leads).map(|n| lead(job.server, n)));
+    let (mut delivered, mut lost, mut first_lost) = (0, 0, None);
+    while let Some((index, result)) = results.next().await {
+        let n = job.first_lead + index as u64;
+        match delivery(result).await {
+            Ok(()) => delivered += 1,
+            Err(why) => {
+                lost += 1;
+                first_lost.get_or_insert(format!("lead {n} {why}"));
+            }
+        }
+    }
     let finished = unix_micros();
 
-    let delivered = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
-    let lost = outcomes.len() - delivered;
-    if let Some(Err(first)) = outcomes.iter().find(|outcome| outcome.is_err()) {
+    if let Some(first) = first_lost {
         eprintln!(
             "  worker {}: {lost} leads lost, the first: {first}",
             job.worker
@@ -313,6 +299,23 @@ async fn worker(job: Job) -> Result<(), BoxError> {
         attempts.load(Ordering::Relaxed),
         throttled.load(Ordering::Relaxed),
     );
+    Ok(())
+}
+
+/// Whether a lead was delivered: its answer read, and a success.
+async fn delivery(
+    result: Result<http::Response<hyper::body::Incoming>, BoxError>,
+) -> Result<(), String> {
+    let response = result.map_err(|error| format!("failed: {error}"))?;
+    let status = response.status();
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| format!("reading the answer: {error}"))?;
+    if !status.is_success() {
+        return Err(format!("ended {status}"));
+    }
     Ok(())
 }
 

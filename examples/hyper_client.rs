@@ -1,15 +1,17 @@
 //! tollgate's default stack around hyper-util's legacy `Client`: 60 leads
-//! sent at once over two connections to a local server that allows each
-//! connection 10 requests a second.
+//! sent with `client.send_all(..)` over two connections to a local server
+//! that allows each connection 10 requests a second.
 //!
 //! ```text
 //! cargo run --example hyper_client
 //! ```
 //!
-//! The gate lets 25 run and queues 35 (the builder's defaults, 10 + 25);
-//! each connection's bucket spaces them at the API's documented 10 a second;
-//! a 429 that slips through (the server counts in fixed windows) pauses its
-//! connection for the `Retry-After` it names, and is retried.
+//! `send_all` keeps as many leads in hand as the gate admits, 25 running
+//! and 35 waiting (the builder's defaults, 10 + 25): all 60 here, none
+//! refused. Each connection's bucket spaces them at the API's documented
+//! 10 a second; a 429 that slips through (the server
+//! counts in fixed windows) pauses its connection for the `Retry-After` it
+//! names, and is retried.
 
 mod common;
 
