@@ -249,26 +249,19 @@ where
 }
 
 /// Tells the adaptive gate outside how an attempt sent `took` ns ago
-/// ended: 429s and answers with a `Retry-After` are throttles, the rate
-/// limiter's business, not samples; 502, 503 and 504 without one, and
-/// errors, are overload.
+/// ended (see [`Sample::of_answer`]; an error is overload).
 fn sample<R>(gate: &crate::concurrency::Gate, took: u64, result: &Result<Response<R>, BoxError>) {
     let sample = match result {
-        Err(_) => Sample::Overloaded,
-        Ok(response) => {
-            let status = response.status();
-            let throttle = status == http::StatusCode::TOO_MANY_REQUESTS
-                || response.headers().contains_key(http::header::RETRY_AFTER);
-            if throttle {
-                return;
-            }
-            match status.as_u16() {
-                502..=504 => Sample::Overloaded,
-                _ => Sample::Answered(Duration::from_nanos(took)),
-            }
-        }
+        Err(_) => Some(Sample::Overloaded),
+        Ok(response) => Sample::of_answer(
+            response.status(),
+            response.headers().contains_key(http::header::RETRY_AFTER),
+            Duration::from_nanos(took),
+        ),
     };
-    gate.sample(sample);
+    if let Some(sample) = sample {
+        gate.sample(sample);
+    }
 }
 
 /// Lends the request's gate slot while it waits for a token on `key`, so

@@ -16,6 +16,11 @@ use tower::BoxError;
 #[derive(Debug)]
 pub struct Knee {
     base: Duration,
+    // Each answer's latency varies by up to this share either way, and one
+    // request in `refuse_every` is answered 404 in 2 ms (a lead the CRM
+    // already has): a real server's answers are not all alike.
+    spread: f64,
+    refuse_every: u64,
     knee: AtomicUsize,
     fails_beyond: AtomicUsize,
     in_flight: AtomicUsize,
@@ -33,8 +38,23 @@ const FAIL_AFTER: Duration = Duration::from_millis(10);
 
 impl Knee {
     pub fn new(knee: usize, fails_beyond: usize, base: Duration) -> Arc<Knee> {
+        Knee::varied(knee, fails_beyond, base, 0.0, 0)
+    }
+
+    /// A knee server whose answers vary by up to `spread` either way
+    /// (deterministically, by arrival), one in `refuse_every` (0: none)
+    /// answered 404 in 2 ms.
+    pub fn varied(
+        knee: usize,
+        fails_beyond: usize,
+        base: Duration,
+        spread: f64,
+        refuse_every: u64,
+    ) -> Arc<Knee> {
         Arc::new(Knee {
             base,
+            spread,
+            refuse_every,
             knee: AtomicUsize::new(knee),
             fails_beyond: AtomicUsize::new(fails_beyond),
             in_flight: AtomicUsize::new(0),
@@ -108,7 +128,7 @@ impl Knee {
         tower::service_fn(move |_request: Request<()>| {
             let knee = Arc::clone(&knee);
             async move {
-                knee.arrivals.fetch_add(1, Ordering::Relaxed);
+                let arrival = knee.arrivals.fetch_add(1, Ordering::Relaxed) + 1;
                 let at = knee.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
                 let _leave = Leave(&knee.in_flight);
                 if at > knee.fails_beyond.load(Ordering::Relaxed) || knee.down() {
@@ -118,8 +138,20 @@ impl Knee {
                     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                     return Ok::<_, BoxError>(response);
                 }
+                if knee.refuse_every > 0 && arrival % knee.refuse_every == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let mut response = Response::new(());
+                    *response.status_mut() = StatusCode::NOT_FOUND;
+                    return Ok(response);
+                }
                 let k = knee.knee.load(Ordering::Relaxed).max(1);
                 let took = knee.base * (at.max(k) as u32) / k as u32;
+                // A uniform draw in -1..1 from the arrival number.
+                let draw = (arrival.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+                    / (1u64 << 53) as f64
+                    * 2.0
+                    - 1.0;
+                let took = took.mul_f64(1.0 + knee.spread * draw);
                 tokio::time::sleep(took).await;
                 knee.served.fetch_add(1, Ordering::Relaxed);
                 knee.latencies.lock().unwrap().push(took);
