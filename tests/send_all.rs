@@ -51,19 +51,33 @@ async fn follows_parallelism_changed_while_it_runs() {
     let handle = client.handle();
     let mut results = client.send_all(requests(n));
     let mut ended = 0;
-    while let Some((_, result)) = results.next().await {
+    let mut seen = vec![false; n];
+    let mut set_to = 50;
+    while let Some((index, result)) = results.next().await {
         result.unwrap();
+        assert!(!std::mem::replace(&mut seen[index], true), "{index} twice");
+        // Never more in flight than the parallelism, once the requests
+        // sent before it was lowered have ended.
+        if ended % 1_000 == 999 {
+            assert!(
+                handle.in_flight() <= set_to,
+                "{} > {set_to}",
+                handle.in_flight()
+            );
+        }
         ended += 1;
         // Down to 3, up to 64, down to 1, with no waiting place at all.
-        match ended {
-            2_000 => handle.set_parallelism(3).unwrap(),
-            4_000 => handle.set_parallelism(64).unwrap(),
-            10_000 => handle.set_parallelism(1).unwrap(),
-            _ => {}
-        }
-        assert!(handle.in_flight() <= 64);
+        let set = match ended {
+            2_000 => 3,
+            4_000 => 64,
+            10_000 => 1,
+            _ => continue,
+        };
+        handle.set_parallelism(set).unwrap();
+        set_to = set;
     }
     assert_eq!(ended, n);
+    assert!(seen.iter().all(|s| *s), "every index once");
     assert_eq!(handle.refused(), 0);
 }
 
@@ -89,11 +103,14 @@ async fn dropping_the_stream_gives_back_every_slot_and_sends_no_more() {
     assert_eq!(handle.in_flight(), 4);
     let sent = server.attempts().len();
     drop(results);
-    assert_eq!((handle.in_flight(), handle.queued()), (0, 0));
-    // 10 ended; at most 4 running and 14 waiting were cancelled, and no
-    // request was taken from the stream after.
+    assert_eq!(
+        (handle.in_flight(), handle.queued(), handle.lent()),
+        (0, 0, 0)
+    );
+    // 10 yielded, at most 4 more ended but not yet yielded, and at most 4
+    // running and 14 waiting cancelled; no request was taken after.
     let taken = taken.load(Ordering::Relaxed);
-    assert!((10 + 4..=10 + 4 + 14).contains(&taken), "{taken}");
+    assert!((10 + 4..=10 + 4 + 4 + 14).contains(&taken), "{taken}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(server.attempts().len(), sent, "nothing sent after the drop");
 }
@@ -136,4 +153,43 @@ async fn a_request_timing_out_in_the_queue_is_one_item() {
         .count();
     // One runs 0-10 s, the next 10-20 s; the other two give up at 15 s.
     assert_eq!((results.len(), timed_out), (4, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ended_requests_give_back_their_slots_before_they_are_yielded() {
+    // Four requests end at the same instant: the first poll that yields
+    // one takes all four out of the gate, not one a poll (a slow consumer
+    // would keep the rest holding slots, and an adaptive gate would read
+    // its slowness as the server's).
+    let server = Script::new().reply(Reply::status(200).after(Duration::from_millis(10)));
+    let client = ConcurrencyGateLayer::new(4)
+        .queue_limit(0)
+        .layer(server.service());
+    let handle = client.handle();
+    let mut results = client.send_all(requests(8));
+    results.next().await.unwrap().1.unwrap();
+    assert_eq!(handle.in_flight(), 0, "the three others ended with it");
+    assert_eq!(results.count().await, 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_gate_answers_each_request_with_its_error() {
+    let server = Script::new();
+    let client = ConcurrencyGateLayer::new(0)
+        .queue_limit(0)
+        .layer(server.service());
+    let results = tokio::time::timeout(
+        Duration::from_secs(3600),
+        client.send_all(requests(3)).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("a closed gate hung the batch");
+    assert_eq!(results.len(), 3);
+    for (_, result) in results {
+        let error = result.unwrap_err();
+        assert!(matches!(
+            error.downcast_ref::<Error>(),
+            Some(Error::InvalidConfig { .. })
+        ));
+    }
 }

@@ -278,8 +278,8 @@ impl Gate {
     }
 
     /// Sets the parallelism by hand; an adaptive gate learns on from it
-    /// (clamped into its range). `parallelism >= 1`.
-    pub(crate) fn set_parallelism_by_hand(&self, parallelism: usize) {
+    /// (clamped into its range). `parallelism >= 1`. Returns the value set.
+    pub(crate) fn set_parallelism_by_hand(&self, parallelism: usize) -> usize {
         match &self.adaptive {
             Some(adaptive) => {
                 let mut limit = adaptive
@@ -287,9 +287,14 @@ impl Gate {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 limit.reset(parallelism);
-                self.set_parallelism(limit.parallelism());
+                let applied = limit.parallelism();
+                self.set_parallelism(applied);
+                applied
             }
-            None => self.set_parallelism(parallelism),
+            None => {
+                self.set_parallelism(parallelism);
+                parallelism
+            }
         }
     }
 
@@ -384,22 +389,28 @@ impl Gate {
             }
         }
         state.in_flight -= 1;
-        // Over a lowered parallelism the slot is not handed on, so a ticket
-        // may still wait for the one a request kept for want of a waiting
-        // place: the stuck request woken for that ticket may have been this
-        // one, on its way to the server. Wake the next to swap its slot.
-        // (Without it, parallelism lowered below the slots kept by requests
-        // waiting behind their connection's head, with the head waiting
-        // for a slot, left them waiting for each other: an adaptive gate
-        // cut to 5 froze `tests/learning.rs`'s sliding window.)
-        let next_stuck = match state.lines.len() {
-            0 => None,
-            _ => state.stuck.pop_first().map(|(_, waker)| waker),
-        };
+        let next_keeper = Self::keeper_for_waiting(&mut state);
         drop(state);
         drop(forgotten);
-        if let Some(waker) = next_stuck {
+        if let Some(waker) = next_keeper {
             waker.wake();
+        }
+    }
+
+    /// Over a lowered parallelism a retired slot is not handed on, so a
+    /// ticket may still wait for the one a request kept for want of a
+    /// waiting place: the keeper woken for that ticket may have been the
+    /// request retiring it (on its way to the server, or lending it to the
+    /// pool). The next keeper's waker, to wake once the lock is let go, so
+    /// it swaps its slot with the ticket. (Without it, parallelism lowered
+    /// below the slots kept by requests waiting behind their connection's
+    /// head, with the head waiting for a slot, left them waiting for each
+    /// other: an adaptive gate cut to 5 froze `tests/learning.rs`'s sliding
+    /// window.)
+    fn keeper_for_waiting(state: &mut State) -> Option<Waker> {
+        match state.lines.len() {
+            0 => None,
+            _ => state.stuck.pop_first().map(|(_, waker)| waker),
         }
     }
 
@@ -413,29 +424,35 @@ impl Gate {
     /// each other forever.)
     fn lend(&self, ticket: u64, waker: &Waker) -> bool {
         let mut state = self.lock();
+        // Out of the keepers first, so that the next one woken is another.
+        let forgotten = state.stuck.remove(&ticket);
         let place_free = state.lines.len() + state.lent < self.queue_limit;
         let mut handed = None;
+        let mut next_keeper = None;
         if state.in_flight > state.parallelism && place_free {
             // Parallelism was lowered: the slot is not handed on.
             state.in_flight -= 1;
+            next_keeper = Self::keeper_for_waiting(&mut state);
         } else if let Some(waiter) = state.lines.pop_next() {
             // A swap: in_flight and the waiting count are unchanged.
             handed = Some(waiter);
         } else if place_free {
             state.in_flight -= 1;
         } else {
-            let kept = state.stuck.insert(ticket, waker.clone());
+            state.stuck.insert(ticket, waker.clone());
             drop(state);
             // (Dropped after the lock: dropping a waker may run the
             // executor's code.)
-            drop(kept);
+            drop(forgotten);
             return false;
         }
         state.lent += 1;
-        let forgotten = state.stuck.remove(&ticket);
         drop(state);
         if let Some(waiter) = handed {
             waiter.grant();
+        }
+        if let Some(waker) = next_keeper {
+            waker.wake();
         }
         drop(forgotten);
         true
@@ -967,6 +984,53 @@ mod tests {
             .expect("a swap with the waiting ticket");
         assert!(back.poll_granted(&mut cx()).is_ready());
         drop((back.into_slot(), lent_now));
+        assert_eq!((g.in_flight(), g.queued(), g.lent()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_slot_lent_to_the_pool_over_the_parallelism_wakes_the_next_keeper() {
+        let g = Arc::new(Gate::new(3, 3, true));
+        let lent: Vec<_> = (0..3)
+            .map(|_| {
+                let slot = slot(Gate::admit(&g, 1));
+                slot.lend(1, &noop()).expect("a place is free")
+            })
+            .collect();
+        let (flags, wakers): (Vec<_>, Vec<_>) = (0..2)
+            .map(|_| {
+                let flag = std::sync::Arc::new(Flag::default());
+                (std::sync::Arc::clone(&flag), Waker::from(flag))
+            })
+            .unzip();
+        // Two more wait for tokens behind the first three: every place is
+        // taken, so they keep their slots.
+        let Err(first_keeper) = slot(Gate::admit(&g, 1)).lend(1, &wakers[0]) else {
+            panic!("no waiting place is free");
+        };
+        let Err(second_keeper) = slot(Gate::admit(&g, 1)).lend(1, &wakers[1]) else {
+            panic!("no waiting place is free");
+        };
+        g.set_parallelism(1);
+        let mut lent = lent.into_iter();
+        drop(lent.next());
+        // The head's token is due: it waits for a slot, waking a keeper...
+        let Err(mut head) = lent.next().unwrap().reclaim() else {
+            panic!("over the parallelism");
+        };
+        assert!(flags[0].0.load(Ordering::SeqCst));
+        // ... which lends to the pool (over the parallelism, a place free),
+        // so the next keeper must be woken to swap with the head.
+        let lent_first = first_keeper.lend(1, &noop()).expect("a place is free");
+        assert!(head.poll_granted(&mut cx()).is_pending());
+        assert!(
+            flags[1].0.load(Ordering::SeqCst),
+            "the next keeper is woken"
+        );
+        let lent_second = second_keeper
+            .lend(1, &noop())
+            .expect("a swap with the head");
+        assert!(head.poll_granted(&mut cx()).is_ready());
+        drop((head.into_slot(), lent_first, lent_second, lent));
         assert_eq!((g.in_flight(), g.queued(), g.lent()), (0, 0, 0));
     }
 

@@ -1,5 +1,6 @@
 //! `send_all`: a batch through the gate, never more in hand than it admits.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -82,6 +83,7 @@ impl<S, L> ConcurrencyGate<S, L> {
             next_index: 0,
             held_back: None,
             in_hand: FuturesUnordered::new(),
+            ended: VecDeque::new(),
             full_wait: None,
         }
     }
@@ -104,6 +106,11 @@ pin_project! {
         // A request the gate had no room for, sent when it has.
         held_back: Option<(usize, St::Item)>,
         in_hand: FuturesUnordered<Indexed<ResponseFuture<S, St::Item>>>,
+        // Requests that ended, not yet yielded: each poll takes every ended
+        // one out of `in_hand`, so that its slot goes back (and, for an
+        // adaptive gate, its latency is read) when it ends, not when a slow
+        // consumer gets to it.
+        ended: VecDeque<(usize, Result<S::Response, BoxError>)>,
         // Boxed (it is rarely needed) so that the stream is `Unpin`
         // whenever `St` is, and `StreamExt::next` works on it as it is.
         full_wait: Option<Pin<Box<Sleep>>>,
@@ -122,12 +129,14 @@ where
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
         loop {
-            // Fill the gate, as far as it has room.
+            // Fill the gate, as far as it has room (at least one: a closed
+            // gate answers each request with its error, not a hang).
             let room = this
                 .gate
                 .gate
                 .parallelism()
-                .saturating_add(this.gate.gate.queue_limit());
+                .saturating_add(this.gate.gate.queue_limit())
+                .max(1);
             while this.in_hand.len() < room {
                 let (index, request) = match this.held_back.take() {
                     Some(held) => held,
@@ -156,7 +165,10 @@ where
                     }
                 }
             }
-            if let Poll::Ready(Some(ended)) = Pin::new(&mut *this.in_hand).poll_next(cx) {
+            while let Poll::Ready(Some(ended)) = Pin::new(&mut *this.in_hand).poll_next(cx) {
+                this.ended.push_back(ended);
+            }
+            if let Some(ended) = this.ended.pop_front() {
                 return Poll::Ready(Some(ended));
             }
             if this.held_back.is_none() || !this.in_hand.is_empty() {
@@ -186,7 +198,10 @@ where
     L: LineOf<St::Item>,
 {
     fn is_terminated(&self) -> bool {
-        self.requests_done && self.held_back.is_none() && self.in_hand.is_empty()
+        self.requests_done
+            && self.held_back.is_none()
+            && self.in_hand.is_empty()
+            && self.ended.is_empty()
     }
 }
 
@@ -199,6 +214,7 @@ where
         f.debug_struct("SendAll")
             .field("sent", &self.next_index)
             .field("in_hand", &self.in_hand.len())
+            .field("ended", &self.ended.len())
             .field("requests_done", &self.requests_done)
             .finish_non_exhaustive()
     }

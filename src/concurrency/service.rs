@@ -212,7 +212,7 @@ impl ConcurrencyGateHandle {
                 "parallelism must be at least 1",
             ));
         }
-        self.gate.set_parallelism_by_hand(parallelism);
+        let parallelism = self.gate.set_parallelism_by_hand(parallelism);
         tracing::debug!(target: "tollgate::concurrency", parallelism, "parallelism changed");
         Ok(())
     }

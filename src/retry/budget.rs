@@ -18,6 +18,9 @@ use crate::Error;
 /// retries in the window < min_per_second × window + ratio × first tries in the window
 /// ```
 ///
+/// (The window moves in tenths of itself; retries racing on many threads
+/// may go one over the budget at a tenth's boundary, or one under.)
+///
 /// Every request a [`Retry`](crate::Retry) service sends counts as a first
 /// try when it is called; every retry it allows counts against the budget.
 /// A retry the budget refuses ends the request as running out of retries
@@ -256,9 +259,12 @@ impl Ledger {
         let period = self.period(now);
         let counted = &self.retries[slot(period)];
         // Count first, then check, all SeqCst: of two retries racing for
-        // the last one allowed, the one counted second sees the other's
-        // count (in the same slot by the order of the updates, across a
-        // slot boundary by SeqCst's single order), so they cannot both go.
+        // the last one allowed in one window, the one counted second sees
+        // the other's count, so they cannot both go. Two slack cases, both
+        // by one retry: across a slot boundary a retry that read the later
+        // period does not see one counted later in the earlier slot (its
+        // window no longer holds that slot), so both may go; and two
+        // racing retries may both be refused when one was allowed.
         count(counted, period, Ordering::SeqCst);
         let first_tries = total(&self.first_tries, period, Ordering::SeqCst);
         // This retry included.
