@@ -91,10 +91,11 @@ impl<L> ConcurrencyGateLayer<L> {
     ///
     /// It follows the server's latency and its overload answers (for a
     /// gate standing alone: how long each call through the gate takes, and
-    /// the inner service's errors), as Netflix's concurrency-limits
-    /// `Gradient` does: doubling while latency stays flat, then settling a
-    /// few requests past the concurrency where the server starts to
-    /// queue, cut by the failed share when calls fail. The algorithm, and
+    /// the inner service's errors), after Netflix's concurrency-limits
+    /// `Gradient` (reading round means, not single answers, and with no
+    /// latency tolerance): doubling while latency stays flat, then
+    /// settling a few requests past the concurrency where the server starts
+    /// to queue, cut by the failed share when calls fail. The algorithm, and
     /// why each constant, is in `src/concurrency/adaptive.rs`. In the
     /// [`Tollgate`](crate::Tollgate) stack
     /// ([`TollgateBuilder::adaptive_parallelism`](crate::TollgateBuilder::adaptive_parallelism))
