@@ -80,7 +80,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// which holds 0.98-0.99 of the server's capacity over a million leads in
 /// `benches/throttled.rs`. Learning costs most in a short batch: against
 /// real servers (nginx, HAProxy; `BENCHMARKS.md`) a 5-second import
-/// reaches 0.78-0.86 of capacity and a 30-second one 0.938-0.955. The quota
+/// reaches 0.78-0.89 of capacity and a 30-second one 0.845-0.933. The quota
 /// the API documents, when there is one, does better: no 429 to learn
 /// from, 1.00 of capacity from the first second.
 #[derive(Clone)]
