@@ -1201,6 +1201,90 @@ mod loom_models {
     }
 
     #[test]
+    fn loom_a_keeper_woken_that_sends_instead_wakes_the_next() {
+        loom::model(|| {
+            // One waiting place, taken by a lender; two more requests wait
+            // for tokens behind it and keep their slots; parallelism is cut
+            // to 1.
+            let gate = Arc::new(Gate::new(3, 1, true));
+            let seat = |gate: &Arc<Gate>| match Gate::admit(gate, 1) {
+                Admission::Slot(slot) => slot,
+                _ => panic!("a slot is free"),
+            };
+            let (first, second, third) = (seat(&gate), seat(&gate), seat(&gate));
+            let noop = std::task::Waker::noop().clone();
+            let Ok(lent) = first.lend(1, &noop) else {
+                panic!("the place is free");
+            };
+            gate.set_parallelism(1);
+            // Each keeper's token comes after the first has been sent (the
+            // rate limiter's line order): main sets it, and wakes the
+            // keeper, as the token's timer would.
+            let tokens: [_; 2] = std::array::from_fn(|_| {
+                std::sync::Arc::new((AtomicBool::new(false), AtomicWaker::new()))
+            });
+            // The second tries to lend once; woken (by the gate, or its
+            // token), its token has come: it is sent and answered instead
+            // of lending (the slot retires).
+            let sends = thread::spawn({
+                let token = std::sync::Arc::clone(&tokens[0]);
+                move || {
+                    let mut kept = Some(second);
+                    let mut tried = false;
+                    let lent = block_on(poll_fn(|cx| {
+                        token.1.register(cx.waker());
+                        if std::mem::replace(&mut tried, true) || token.0.load(Ordering::Acquire) {
+                            return Poll::Ready(None);
+                        }
+                        match kept.take().expect("tried once").lend(1, cx.waker()) {
+                            Ok(lent) => Poll::Ready(Some(lent)),
+                            Err(slot) => {
+                                kept = Some(slot);
+                                Poll::Pending
+                            }
+                        }
+                    }));
+                    drop((lent, kept));
+                }
+            });
+            // The third lends when it can, until its token comes.
+            let keeps = thread::spawn({
+                let token = std::sync::Arc::clone(&tokens[1]);
+                move || {
+                    let mut kept = Some(third);
+                    let lent = block_on(poll_fn(|cx| {
+                        token.1.register(cx.waker());
+                        if token.0.load(Ordering::Acquire) {
+                            return Poll::Ready(None);
+                        }
+                        match kept.take().expect("polled until lent").lend(1, cx.waker()) {
+                            Ok(lent) => Poll::Ready(Some(lent)),
+                            Err(slot) => {
+                                kept = Some(slot);
+                                Poll::Pending
+                            }
+                        }
+                    }));
+                    drop((lent, kept));
+                }
+            });
+            // The first's token is due: it takes a slot back (it would wait
+            // forever if a woken keeper that sent instead woke no other).
+            match lent.reclaim() {
+                Ok(slot) => drop(slot),
+                Err(place) => drop(seated(place)),
+            }
+            for token in &tokens {
+                token.0.store(true, Ordering::Release);
+                token.1.wake();
+            }
+            sends.join().unwrap();
+            keeps.join().unwrap();
+            assert_eq!(settled(&gate), (0, 0));
+        });
+    }
+
+    #[test]
     fn loom_a_lender_dropped_while_others_come_and_go() {
         loom::model(|| {
             let gate = Arc::new(Gate::new(1, 2, true));
