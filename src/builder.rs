@@ -66,7 +66,7 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// | `queue_limit` | `10 + parallelism` | Power Automate's waiting-run queue |
 /// | `queue_timeout` | none | the queue is bounded, so is the wait |
 /// | `per_connection` | [`Quota::unlimited`] | no limit of its own: a 429 pauses the connection and teaches it a pace (set the API's documented quota if there is one: see below) |
-/// | `learn_rate` | on | a cool-down alone lets a rounding token-bucket server run at 0.10 of its capacity; learning, 0.99 |
+/// | `learn_rate` | on | a cool-down alone lets a rounding token-bucket server run at 0.12 of its capacity; learning, 0.99 |
 /// | `learn_from_headers` | on | a server that says no requests remain (`RateLimit`, `X-RateLimit-Remaining: 0`, ...) would answer the next request 429: hold the connection until its stated reset instead |
 /// | `retry` | [`Backoff::power_automate`] | the Logic Apps / Power Automate default policy |
 /// | `retry_after_alone` | on (with `learn_rate`) | a throttled request's first two retries wait the server's `Retry-After` and its connection's pace, not the backoff's 5-7.5 s on top: the connection already spaces it |
@@ -82,7 +82,9 @@ pub type TollgateService<S, F = ByConnection> = ConcurrencyGate<Retry<RateLimit<
 /// real servers (nginx, HAProxy; `BENCHMARKS.md`) a 5-second import
 /// reaches 0.78-0.89 of capacity and a 30-second one 0.845-0.933. The quota
 /// the API documents, when there is one, does better: no 429 to learn
-/// from, 1.00 of capacity from the first second.
+/// from, 1.00 of nginx's capacity from the first second (against
+/// HAProxy's sliding window, which refuses a pace at exactly its limit, set
+/// it a little under).
 #[derive(Clone)]
 pub struct TollgateBuilder<F = ByConnection> {
     parallelism: usize,

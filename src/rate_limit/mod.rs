@@ -39,7 +39,7 @@
 //! token-bucket server rounds "10 ms" up to `Retry-After: 1`, the
 //! connection idles for the second, then every request that waited goes at
 //! once, overruns the server's burst and earns the next 429: without a
-//! quota, 0.10 of the server's capacity in `benches/throttled.rs`. So, unless
+//! quota, 0.12 of the server's capacity in `benches/throttled.rs`. So, unless
 //! [`learn_rate(false)`](RateLimitLayer::learn_rate), a 429 (or a 503 with
 //! `Retry-After`) also teaches the connection a **pace**: requests sent
 //! evenly, one at a time, just under the rate that earned it, and never
