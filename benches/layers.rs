@@ -33,8 +33,7 @@ type Answer = Ready<Result<Response<()>, BoxError>>;
 
 /// The bare call: answers 200 at once.
 fn ok_service(
-) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future = Answer>
-       + Clone {
+) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future = Answer> + Clone {
     tower::service_fn(|_req: Request<()>| ready(Ok(Response::new(()))))
 }
 
