@@ -29,6 +29,10 @@ use tollgate::{Backoff, ConcurrencyGateLayer, Quota, RateLimitLayer, RetryLayer,
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
+#[path = "common/tower_retry.rs"]
+mod tower_retry;
+use tower_retry::RetryTooManyRequests;
+
 type Answer = Ready<Result<Response<()>, BoxError>>;
 
 /// The bare call: answers 200 at once.
@@ -217,36 +221,6 @@ fn gate_contended(c: &mut Criterion) {
         b.iter_custom(|iters| contend(&rt, &svc, iters));
     });
     group.finish();
-}
-
-/// tower's retry policy for the same case: 429s, 3 times.
-#[derive(Clone)]
-struct RetryTooManyRequests(u32);
-
-impl<R, E> tower::retry::Policy<Request<()>, Response<R>, E> for RetryTooManyRequests {
-    type Future = Ready<()>;
-
-    fn retry(
-        &mut self,
-        _: &mut Request<()>,
-        result: &mut Result<Response<R>, E>,
-    ) -> Option<Self::Future> {
-        match result {
-            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS && self.0 > 0 => {
-                self.0 -= 1;
-                Some(ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &Request<()>) -> Option<Request<()>> {
-        let mut copy = Request::new(());
-        *copy.method_mut() = req.method().clone();
-        *copy.uri_mut() = req.uri().clone();
-        *copy.headers_mut() = req.headers().clone();
-        Some(copy)
-    }
 }
 
 fn retry_and_stack(c: &mut Criterion) {

@@ -9,9 +9,13 @@ use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tollgate::{retry_after, Backoff, Jitter, RetryBudget, RetryLayer};
 use tower::{BoxError, Layer, Service, ServiceExt};
+
+#[path = "common/tower_retry.rs"]
+mod tower_retry;
+use tower_retry::RetryTooManyRequests;
 
 /// The cheapest possible inner service, so the layer's own cost shows.
 fn ok_service() -> impl Service<
@@ -21,36 +25,6 @@ fn ok_service() -> impl Service<
     Future = Ready<Result<Response<()>, BoxError>>,
 > + Clone {
     tower::service_fn(|_req: Request<&'static str>| ready(Ok(Response::new(()))))
-}
-
-/// What a tower user writes to retry 429s: clone the request, count tries.
-#[derive(Clone)]
-struct RetryTooManyRequests(u32);
-
-impl<B: Clone, R, E> tower::retry::Policy<Request<B>, Response<R>, E> for RetryTooManyRequests {
-    type Future = Ready<()>;
-
-    fn retry(
-        &mut self,
-        _req: &mut Request<B>,
-        result: &mut Result<Response<R>, E>,
-    ) -> Option<Self::Future> {
-        match result {
-            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS && self.0 > 0 => {
-                self.0 -= 1;
-                Some(ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
-        let mut copy = Request::new(req.body().clone());
-        *copy.method_mut() = req.method().clone();
-        *copy.uri_mut() = req.uri().clone();
-        *copy.headers_mut() = req.headers().clone();
-        Some(copy)
-    }
 }
 
 fn request() -> Request<&'static str> {

@@ -16,6 +16,10 @@ use tokio::runtime::Runtime;
 use tollgate::{Quota, Tollgate};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
+#[path = "common/tower_retry.rs"]
+mod tower_retry;
+use tower_retry::RetryTooManyRequests;
+
 type Answer = Ready<Result<Response<()>, BoxError>>;
 
 /// The cheapest possible inner service, so the layers' own cost shows.
@@ -30,36 +34,6 @@ fn request() -> Request<&'static str> {
         .header("content-type", "application/json")
         .body("{\"lead\":1}")
         .unwrap()
-}
-
-/// Retries 429s up to 3 times, as a tower user would write it.
-#[derive(Clone)]
-struct RetryTooManyRequests(u32);
-
-impl<R, E> tower::retry::Policy<Request<&'static str>, Response<R>, E> for RetryTooManyRequests {
-    type Future = Ready<()>;
-
-    fn retry(
-        &mut self,
-        _: &mut Request<&'static str>,
-        result: &mut Result<Response<R>, E>,
-    ) -> Option<Self::Future> {
-        match result {
-            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS && self.0 > 0 => {
-                self.0 -= 1;
-                Some(ready(()))
-            }
-            _ => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &Request<&'static str>) -> Option<Request<&'static str>> {
-        let mut copy = Request::new(*req.body());
-        *copy.method_mut() = req.method().clone();
-        *copy.uri_mut() = req.uri().clone();
-        *copy.headers_mut() = req.headers().clone();
-        Some(copy)
-    }
 }
 
 /// Sends `iters` requests one after another through `svc`.
