@@ -66,7 +66,7 @@ use http::StatusCode;
 
 /// The fewest answers a round closes on: fewer and one slow request moves
 /// the mean too much.
-pub(crate) const ROUND: u32 = 8;
+const ROUND: u32 = 8;
 /// The least cut of an overloaded round (AIMD's backoff ratio).
 const CUT: f64 = 0.9;
 /// The most an overloaded round cuts: one round can be all fast failures.
