@@ -308,6 +308,14 @@ impl SeatLoan {
         .map(|loan| SeatLoan { loan })
     }
 
+    /// Whether a loan was orphaned on this thread and not yet adopted: a
+    /// request that would be sent at once must then be seated first (see
+    /// [`adopt_orphan`](SeatLoan::adopt_orphan)). Leaves the flag as it is.
+    #[inline]
+    pub(crate) fn orphan_waiting() -> bool {
+        ORPHANED.try_with(Cell::get).unwrap_or(false)
+    }
+
     /// Lends the slot if the request holds it (after
     /// [`poll_seated`](SeatLoan::poll_seated) found the token still not
     /// there, or while a waiting place was not free).

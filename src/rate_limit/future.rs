@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::{sleep, Sleep};
+use tokio::time::{sleep_until, Instant, Sleep};
 use tower::{BoxError, Service};
 
 use super::service::{Asking, Decision, Reporting, Shared};
@@ -22,9 +22,12 @@ pin_project! {
     /// turn for a token from the request's bucket, sends the request, and
     /// applies any cool-down its response asks for.
     ///
-    /// Cancel-safe: a token is taken in the same poll that sends the
-    /// request, so a future dropped while waiting has spent nothing, and its
-    /// place in line goes to the next request.
+    /// Cancel-safe: a request that finds a token at once, with nobody
+    /// waiting ahead on its key, takes it and is sent in `call` (as
+    /// `tower::limit::RateLimit` spends its permit there); any other takes
+    /// its token in the same poll that sends it, so a future dropped while
+    /// waiting has spent nothing, and its place in line goes to the next
+    /// request.
     pub struct ResponseFuture<S, B, K>
     where
         S: Service<Request<B>>,
@@ -34,21 +37,32 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, S::Response>,
-        // The ready service and the request, until the request is sent.
-        pending: Option<(S, Request<B>)>,
+        // What a request that waits for its token needs, boxed: most
+        // requests are sent from `call` and carry none of it (a future
+        // moved by value through three layers is copied each time).
+        waiting: Option<Box<Waiting<S, B, K>>>,
         key: K,
         // When the request was sent (ns, the buckets' clock; and the store's,
         // if the store admitted it), to tell which throttling episode its
         // response belongs to.
         sent_at: u64,
         fleet_at: FleetAt,
-        // The request's place in its connection's line, while it waits.
-        ticket: Option<Ticket<K>>,
-        // The gate slot this request lent back while it waits for a token
-        // (see `crate::concurrency::seat`); it must be seated to be sent.
-        loan: Option<SeatLoan>,
         shared: Arc<Shared<K>>,
     }
+}
+
+/// A request that has not been sent: its service and itself, and its hold
+/// on a place in line and on its gate slot while it waits.
+struct Waiting<S, B, K: Hash + Eq + Clone> {
+    // The ready service and the request, until the request is sent.
+    pending: Option<(S, Request<B>)>,
+    // The request's place in its connection's line, while it waits.
+    ticket: Option<Ticket<K>>,
+    // The gate slot this request lent back while it waits for a token
+    // (see `crate::concurrency::seat`); it must be seated to be sent.
+    loan: Option<SeatLoan>,
+    // The sleep until the bucket's next token, kept for the next wait.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 pin_project! {
@@ -59,7 +73,7 @@ pin_project! {
         // In line: waiting to be first, then trying the bucket.
         InLine,
         // First in line, sleeping until the bucket's next token.
-        Sleeping { #[pin] sleep: Sleep },
+        Sleeping,
         // The head of the line, waiting for the fleet's store to decide.
         Asking { asking: Asking },
         // The request is with the inner service.
@@ -74,15 +88,32 @@ where
     S: Service<Request<B>>,
     K: Hash + Eq + Clone,
 {
-    pub(super) fn new(service: S, request: Request<B>, key: K, shared: Arc<Shared<K>>) -> Self {
+    /// A request that must go through the bucket (and perhaps a line)
+    /// before it is sent on `service`.
+    pub(super) fn waiting(service: S, request: Request<B>, key: K, shared: Arc<Shared<K>>) -> Self {
         ResponseFuture {
             state: State::Arriving,
-            pending: Some((service, request)),
+            waiting: Some(Box::new(Waiting {
+                pending: Some((service, request)),
+                ticket: None,
+                loan: None,
+                sleep: None,
+            })),
             key,
             sent_at: 0,
             fleet_at: FleetAt::default(),
-            ticket: None,
-            loan: None,
+            shared,
+        }
+    }
+
+    /// A request sent from `call` at `sent_at`, its token taken.
+    pub(super) fn called(future: S::Future, key: K, sent_at: u64, shared: Arc<Shared<K>>) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            waiting: None,
+            key,
+            sent_at,
+            fleet_at: FleetAt::default(),
             shared,
         }
     }
@@ -132,9 +163,14 @@ where
                         .expect("a throttling response is held while reporting");
                     return Poll::Ready(Ok(response));
                 }
-                StateProj::Sleeping { sleep } => {
-                    if sleep.poll(cx).is_pending() {
-                        lend_slot(this.loan, this.key, cx);
+                StateProj::Sleeping => {
+                    let waiting = waiting(this.waiting);
+                    let sleep = waiting
+                        .sleep
+                        .as_mut()
+                        .expect("a sleeping request has a sleep");
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        lend_slot(&mut waiting.loan, this.key, cx);
                         return Poll::Pending;
                     }
                     this.state.set(State::InLine);
@@ -142,12 +178,13 @@ where
                 }
                 StateProj::Asking { asking } => Some(ready!(poll_asking(asking, cx))),
                 StateProj::InLine => {
-                    let ticket = this
+                    let waiting = waiting(this.waiting);
+                    let ticket = waiting
                         .ticket
                         .as_ref()
                         .expect("a request in line has a ticket");
                     if ticket.poll_head(cx).is_pending() {
-                        lend_slot(this.loan, this.key, cx);
+                        lend_slot(&mut waiting.loan, this.key, cx);
                         return Poll::Pending;
                     }
                     None
@@ -158,7 +195,8 @@ where
                     // connection; without, only when others already wait.
                     if this.shared.holds_line() || this.shared.waitlists.has_waiters(this.key) {
                         let (ticket, ahead) = this.shared.waitlists.join(this.key);
-                        *this.ticket = Some(ticket);
+                        let waiting = waiting(this.waiting);
+                        waiting.ticket = Some(ticket);
                         if ahead == 0 {
                             // First in line: straight to the bucket.
                             this.state.set(State::InLine);
@@ -167,7 +205,7 @@ where
                         let now = buckets.now();
                         let wait = this.shared.wait_behind(buckets, this.key, now, ahead);
                         if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
-                            *this.ticket = None;
+                            waiting.ticket = None;
                             return Poll::Ready(Err(refusal));
                         }
                         tracing::debug!(
@@ -182,13 +220,14 @@ where
                     None
                 }
             };
+            let waiting = waiting(this.waiting);
             // Nobody is ahead of this request: take back the slot it lent
             // (if it did), then try the bucket.
             if decided.is_none() {
-                if this.loan.is_none() {
-                    *this.loan = SeatLoan::adopt_orphan();
+                if waiting.loan.is_none() {
+                    waiting.loan = SeatLoan::adopt_orphan();
                 }
-                if let Some(loan) = this.loan {
+                if let Some(loan) = &waiting.loan {
                     ready!(loan.poll_seated(cx));
                 }
             }
@@ -200,8 +239,8 @@ where
                     Err(asking) => {
                         // Hold the line while the store decides, so the
                         // process asks once at a time per connection.
-                        if this.ticket.is_none() {
-                            *this.ticket = Some(this.shared.waitlists.join(this.key).0);
+                        if waiting.ticket.is_none() {
+                            waiting.ticket = Some(this.shared.waitlists.join(this.key).0);
                         }
                         this.state.set(State::Asking { asking });
                         continue;
@@ -210,29 +249,28 @@ where
             };
             match decision {
                 Decision::Admitted { fleet_at } => {
-                    // Leaving the line wakes the next request in it. The
-                    // loan goes too: the gate future, holding the slot, gives
-                    // it back when the response is here.
-                    *this.ticket = None;
-                    *this.loan = None;
                     *this.sent_at = now;
                     *this.fleet_at = into_fleet_at(fleet_at);
                     this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
-                    let (mut service, request) = this
+                    let (mut service, request) = waiting
                         .pending
                         .take()
                         .expect("the request is sent once, from this state only");
+                    // Leaving the line wakes the next request in it. The
+                    // loan goes too: the gate future, holding the slot, gives
+                    // it back when the response is here.
+                    *this.waiting = None;
                     let future = service.call(request);
                     this.state.set(State::Called { future });
                 }
                 Decision::Wait(wait) => {
                     if let Some(refusal) = refuse(this.shared.max_wait, wait, this.key) {
-                        *this.ticket = None;
+                        waiting.ticket = None;
                         return Poll::Ready(Err(refusal));
                     }
-                    if this.ticket.is_none() {
+                    if waiting.ticket.is_none() {
                         let (ticket, _) = this.shared.waitlists.join(this.key);
-                        *this.ticket = Some(ticket);
+                        waiting.ticket = Some(ticket);
                         tracing::debug!(
                             target: "tollgate::rate_limit",
                             key = ?this.key,
@@ -240,12 +278,33 @@ where
                             "waiting for a token"
                         );
                     }
-                    let sleep = sleep(Duration::from_nanos(wait));
-                    this.state.set(State::Sleeping { sleep });
+                    let until = deadline_in(Duration::from_nanos(wait));
+                    match &mut waiting.sleep {
+                        Some(sleep) => sleep.as_mut().reset(until),
+                        None => waiting.sleep = Some(Box::pin(sleep_until(until))),
+                    }
+                    this.state.set(State::Sleeping);
                 }
             }
         }
     }
+}
+
+/// `wait` from now, or (overflowing the clock) as far as tokio's own
+/// `sleep` would go: about 30 years.
+fn deadline_in(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+}
+
+/// The hold of a request not yet sent.
+fn waiting<S, B, K: Hash + Eq + Clone>(
+    waiting: &mut Option<Box<Waiting<S, B, K>>>,
+) -> &mut Waiting<S, B, K> {
+    waiting
+        .as_deref_mut()
+        .expect("a request not yet sent holds its waiting state")
 }
 
 /// Tells the adaptive gate outside how an attempt sent `took` ns ago
@@ -343,7 +402,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("key", &self.key)
-            .field("sent", &self.pending.is_none())
+            .field("sent", &self.waiting.is_none())
             .finish_non_exhaustive()
     }
 }

@@ -32,6 +32,10 @@ pub struct ConnectionKey(Repr);
 enum Repr {
     Named(Arc<str>),
     // Clones of the request URI's parts: reference counts, no allocation.
+    // The authority is lowercase (a copy only when the URI's was not), so
+    // that it hashes and compares as plain bytes: `Authority`'s own `Hash`
+    // lowercases byte by byte, which was a tenth of a one-key `RateLimit`
+    // call (issue 16).
     Origin(Option<Scheme>, Authority),
     NoAuthority,
 }
@@ -43,7 +47,7 @@ impl PartialEq for Repr {
             // same allocation, so compare pointers before bytes (`Arc<str>`
             // does not, `str` being unsized).
             (Repr::Named(a), Repr::Named(b)) => Arc::ptr_eq(a, b) || a == b,
-            (Repr::Origin(s1, a1), Repr::Origin(s2, a2)) => s1 == s2 && a1 == a2,
+            (Repr::Origin(s1, a1), Repr::Origin(s2, a2)) => a1.as_str() == a2.as_str() && s1 == s2,
             (Repr::NoAuthority, Repr::NoAuthority) => true,
             _ => false,
         }
@@ -61,7 +65,7 @@ impl Hash for Repr {
             Repr::Origin(scheme, authority) => {
                 state.write_u8(1);
                 scheme.hash(state);
-                authority.hash(state);
+                authority.as_str().hash(state);
             }
             Repr::NoAuthority => state.write_u8(2),
         }
@@ -78,11 +82,23 @@ impl ConnectionKey {
     pub fn of_uri(uri: &http::Uri) -> Self {
         match uri.authority() {
             Some(authority) => {
-                ConnectionKey(Repr::Origin(uri.scheme().cloned(), authority.clone()))
+                ConnectionKey(Repr::Origin(uri.scheme().cloned(), lowercase(authority)))
             }
             None => ConnectionKey(Repr::NoAuthority),
         }
     }
+}
+
+/// `authority` in lowercase, as hosts compare (RFC 3986, 6.2.2.1): a
+/// clone if it already is.
+fn lowercase(authority: &Authority) -> Authority {
+    let text = authority.as_str();
+    if !text.bytes().any(|byte| byte.is_ascii_uppercase()) {
+        return authority.clone();
+    }
+    // Lowercasing keeps a valid authority valid; were it refused, the key
+    // would only tell case apart, as bytes do.
+    Authority::try_from(text.to_ascii_lowercase()).unwrap_or_else(|_| authority.clone())
 }
 
 impl fmt::Debug for ConnectionKey {
@@ -160,6 +176,13 @@ mod tests {
         let key = |uri| ByConnection.key_of(&head(uri));
         assert_eq!(key("http://a.example/x"), key("http://a.example/y?z"));
         assert_eq!(key("http://A.example/x"), key("http://a.example/x"));
+        let state = std::hash::RandomState::new();
+        let hash_in = |uri| std::hash::BuildHasher::hash_one(&state, key(uri));
+        assert_eq!(
+            hash_in("http://A.Example:8080/x"),
+            hash_in("http://a.example:8080/y")
+        );
+        assert_ne!(hash_in("http://a.example/"), hash_in("http://b.example/"));
         assert_ne!(key("http://a.example/"), key("http://b.example/"));
         assert_ne!(key("http://a.example/"), key("https://a.example/"));
         assert_ne!(key("http://a.example/"), key("http://a.example:8080/"));

@@ -13,6 +13,7 @@ use super::keyed::{Buckets, Figures};
 use super::published::{self, Policy, Published};
 use super::waitlist::WaitLists;
 use super::{ByConnection, KeyOf};
+use crate::concurrency::SeatLoan;
 use crate::{retry_after, Error};
 
 /// Holds each key (connection) to its token bucket and pauses a key when
@@ -161,6 +162,22 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         return self.fleet.is_some();
         #[cfg(not(feature = "redis"))]
         false
+    }
+
+    /// Takes a token for a request on `key` now, and says when (ns), if it
+    /// can go at once: nobody waits on the key, no store decides, and no
+    /// loan of a gate slot is left to adopt (see `future.rs`, which does all
+    /// of this the long way when this says `None`).
+    #[inline]
+    pub(super) fn admit_at_once(&self, key: &K) -> Option<u64> {
+        let buckets = self.buckets.as_ref().ok()?;
+        if self.holds_line() || self.waitlists.has_waiters(key) || SeatLoan::orphan_waiting() {
+            return None;
+        }
+        let now = buckets.now();
+        buckets.acquire_at(key, now).ok()?;
+        self.figures.admitted.fetch_add(1, Ordering::Relaxed);
+        Some(now)
     }
 
     /// Decides whether the request at the head of `key`'s line may go at
@@ -476,11 +493,16 @@ where
         let (head, body) = request.into_parts();
         let key = self.key_of.key_of(&head);
         let request = Request::from_parts(head, body);
+        let shared = Arc::clone(&self.shared);
+        if let Some(sent_at) = shared.admit_at_once(&key) {
+            let future = self.inner.call(request);
+            return ResponseFuture::called(future, key, sent_at, shared);
+        }
         // The future sends the request once its bucket allows, on the
         // service the caller drove ready; this one gets a fresh clone.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(ready, request, key, Arc::clone(&self.shared))
+        ResponseFuture::waiting(ready, request, key, shared)
     }
 }
 
