@@ -2,7 +2,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -27,20 +27,46 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        service: S,
-        request: Option<Request>,
-        // Held while queued; turned into `seat` when a slot is handed over.
-        place: Option<Place>,
+        // A request not yet called, and what it needs until it is: boxed,
+        // since most requests are called from `call` and carry none of it
+        // (a future moved by value through three layers is copied each
+        // time).
+        waiting: Option<Box<Waiting<S, Request>>>,
         seat: Option<Seat>,
-        #[pin]
-        timeout: Option<Sleep>,
-        gate: Arc<Gate>,
         // Whether the seat is put out for the rate limiter inside (from the
         // poll after it asked for it).
         lending: bool,
         // When the request was called, if this gate times calls to learn
         // its parallelism.
-        called_at: Option<Instant>,
+        called_at: Option<(Instant, Arc<Gate>)>,
+    }
+}
+
+/// A request admitted but not yet called.
+struct Waiting<S, Request> {
+    service: S,
+    request: Option<Request>,
+    // Held while queued; turned into the seat when a slot is handed over.
+    place: Option<Place>,
+    timeout: Option<Pin<Box<Sleep>>>,
+    gate: Arc<Gate>,
+}
+
+impl<S, Request> Waiting<S, Request> {
+    fn boxed(
+        service: S,
+        request: Request,
+        place: Option<Place>,
+        timeout: Option<Pin<Box<Sleep>>>,
+        gate: &Arc<Gate>,
+    ) -> Option<Box<Self>> {
+        Some(Box::new(Waiting {
+            service,
+            request: Some(request),
+            place,
+            timeout,
+            gate: Arc::clone(gate),
+        }))
     }
 }
 
@@ -48,7 +74,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         // Decided in `call`: this request is refused.
-        Refused { error: Option<Error> },
+        Refused { error: Option<BoxError> },
         // Waiting in the queue for a slot.
         Queued,
         // Holding a slot, waiting for the inner service to be ready.
@@ -62,40 +88,76 @@ impl<S, Request> ResponseFuture<S, Request>
 where
     S: Service<Request>,
 {
+    /// The future of a request admitted as `admission`, sent on `service`
+    /// (which the caller drove ready, or not) once it holds a slot.
+    ///
+    /// A request handed a slot at once is called here if `service` is
+    /// ready without waiting (asked with a waker that does nothing: the
+    /// future asks again, with its own, if it is not).
     pub(super) fn new(
         admission: Admission,
-        service: S,
+        service: &mut S,
         request: Request,
         gate: &Arc<Gate>,
         queue_timeout: Option<Duration>,
-    ) -> Self {
-        let (state, place, seat, timeout) = match admission {
-            Admission::Slot(slot) => (State::Readying, None, Some(Seat::Seated(slot)), None),
+    ) -> Self
+    where
+        S: Clone,
+        S::Error: Into<BoxError>,
+    {
+        let (state, waiting, seat) = match admission {
+            Admission::Slot(slot) => {
+                let seat = Some(Seat::Seated(slot));
+                match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                    Poll::Ready(Ok(())) => {
+                        let called_at = gate
+                            .samples_calls()
+                            .then(|| (Instant::now(), Arc::clone(gate)));
+                        return ResponseFuture {
+                            state: State::Called {
+                                future: service.call(request),
+                            },
+                            waiting: None,
+                            seat,
+                            lending: false,
+                            called_at,
+                        };
+                    }
+                    Poll::Ready(Err(error)) => {
+                        (State::Refused { error: Some(error.into()) }, None, None)
+                    }
+                    // The future drives this very service ready: what it
+                    // reserved while pending (a `Buffer`'s permit) is kept.
+                    Poll::Pending => {
+                        let clone = service.clone();
+                        let service = std::mem::replace(service, clone);
+                        let waiting = Waiting::boxed(service, request, None, None, gate);
+                        (State::Readying, waiting, seat)
+                    }
+                }
+            }
             Admission::Queued(place) => {
                 tracing::trace!(target: "tollgate::concurrency", "queued for a slot");
-                (State::Queued, Some(place), None, queue_timeout.map(sleep))
+                let timeout = queue_timeout.map(|timeout| Box::pin(sleep(timeout)));
+                let waiting = Waiting::boxed(service.clone(), request, Some(place), timeout, gate);
+                (State::Queued, waiting, None)
             }
             Admission::Full => {
                 tracing::debug!(target: "tollgate::concurrency", "refused: the queue is full");
-                let error = Some(Error::QueueFull);
-                (State::Refused { error }, None, None, None)
+                let error = Some(Error::QueueFull.into());
+                (State::Refused { error }, None, None)
             }
             Admission::Closed => {
-                let error = Some(Error::invalid_config(
-                    "concurrency gate",
-                    gate.closed_because(),
-                ));
-                (State::Refused { error }, None, None, None)
+                let error = Some(
+                    Error::invalid_config("concurrency gate", gate.closed_because()).into(),
+                );
+                (State::Refused { error }, None, None)
             }
         };
         ResponseFuture {
             state,
-            service,
-            request: Some(request),
-            place,
+            waiting,
             seat,
-            timeout,
-            gate: Arc::clone(gate),
             lending: false,
             called_at: None,
         }
@@ -114,42 +176,46 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Refused { error } => {
-                    let error = error.take().unwrap_or(Error::QueueFull);
-                    return Poll::Ready(Err(error.into()));
+                    let error = error.take().unwrap_or_else(|| Error::QueueFull.into());
+                    return Poll::Ready(Err(error));
                 }
                 StateProj::Queued => {
-                    let place = this
+                    let waiting = waiting(this.waiting);
+                    let place = waiting
                         .place
                         .as_mut()
                         .expect("a queued future holds its place");
                     if place.poll_granted(cx).is_pending() {
-                        let Some(timeout) = this.timeout.as_mut().as_pin_mut() else {
+                        let Some(timeout) = waiting.timeout.as_mut() else {
                             return Poll::Pending;
                         };
-                        ready!(timeout.poll(cx));
+                        ready!(timeout.as_mut().poll(cx));
                         if place.leave() {
-                            *this.place = None;
-                            this.gate.timed_out.fetch_add(1, Ordering::Relaxed);
+                            waiting.place = None;
+                            waiting.gate.timed_out.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(target: "tollgate::concurrency", "gave up: queue_timeout");
                             return Poll::Ready(Err(Error::QueueTimeout.into()));
                         }
                         // Handed a slot just as the timeout fired: take it.
                     }
-                    let place = this.place.take().expect("checked above");
+                    let place = waiting.place.take().expect("checked above");
+                    waiting.timeout = None;
                     *this.seat = Some(Seat::Seated(place.into_slot()));
                     tracing::trace!(target: "tollgate::concurrency", "admitted from the queue");
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    ready!(this.service.poll_ready(cx)).map_err(Into::into)?;
-                    let request = this
+                    let waiting = waiting(this.waiting);
+                    ready!(waiting.service.poll_ready(cx)).map_err(Into::into)?;
+                    let request = waiting
                         .request
                         .take()
                         .expect("the request is sent once, from this state only");
-                    if this.gate.samples_calls() {
-                        *this.called_at = Some(Instant::now());
+                    if waiting.gate.samples_calls() {
+                        *this.called_at = Some((Instant::now(), Arc::clone(&waiting.gate)));
                     }
-                    let future = this.service.call(request);
+                    let future = waiting.service.call(request);
+                    *this.waiting = None;
                     this.state.set(State::Called { future });
                 }
                 StateProj::Called { mut future } => loop {
@@ -174,8 +240,8 @@ where
                         polled
                     };
                     if let Poll::Ready(result) = polled {
-                        if let Some(called_at) = this.called_at.take() {
-                            this.gate.sample(match &result {
+                        if let Some((called_at, gate)) = this.called_at.take() {
+                            gate.sample(match &result {
                                 Ok(_) => Sample::Answered(called_at.elapsed()),
                                 Err(_) => Sample::Overloaded,
                             });
@@ -194,13 +260,23 @@ where
     }
 }
 
+/// The hold of a request not yet called.
+fn waiting<S, Request>(waiting: &mut Option<Box<Waiting<S, Request>>>) -> &mut Waiting<S, Request> {
+    waiting
+        .as_deref_mut()
+        .expect("a request not yet called holds its waiting state")
+}
+
 impl<S, Request> fmt::Debug for ResponseFuture<S, Request>
 where
     S: Service<Request>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("queued", &self.place.is_some())
+            .field(
+                "queued",
+                &self.waiting.as_ref().is_some_and(|w| w.place.is_some()),
+            )
             .field("seat", &self.seat)
             .finish_non_exhaustive()
     }

@@ -133,18 +133,20 @@ impl<S, L> ConcurrencyGate<S, L> {
         }
     }
 
-    /// The response future of an admitted request.
+    /// The response future of an admitted request (called at once if it
+    /// has a slot and the inner service is ready).
     pub(super) fn future<Request>(
-        &self,
+        &mut self,
         admission: Admission,
         request: Request,
     ) -> ResponseFuture<S, Request>
     where
         S: Service<Request> + Clone,
+        S::Error: Into<BoxError>,
     {
         ResponseFuture::new(
             admission,
-            self.inner.clone(),
+            &mut self.inner,
             request,
             &self.gate,
             self.queue_timeout,
