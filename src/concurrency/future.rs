@@ -123,9 +123,13 @@ where
                             called_at,
                         };
                     }
-                    Poll::Ready(Err(error)) => {
-                        (State::Refused { error: Some(error.into()) }, None, None)
-                    }
+                    Poll::Ready(Err(error)) => (
+                        State::Refused {
+                            error: Some(error.into()),
+                        },
+                        None,
+                        None,
+                    ),
                     // The future drives this very service ready: what it
                     // reserved while pending (a `Buffer`'s permit) is kept.
                     Poll::Pending => {
@@ -148,9 +152,8 @@ where
                 (State::Refused { error }, None, None)
             }
             Admission::Closed => {
-                let error = Some(
-                    Error::invalid_config("concurrency gate", gate.closed_because()).into(),
-                );
+                let error =
+                    Some(Error::invalid_config("concurrency gate", gate.closed_because()).into());
                 (State::Refused { error }, None, None)
             }
         };

@@ -7,12 +7,12 @@ use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::{sleep, Instant, Sleep};
+use tokio::time::{sleep_until, Instant, Sleep};
 use tower::{BoxError, Service};
 
 use super::backoff::Delays;
 use super::budget::Ledger;
-use super::replay::try_replay_request;
+use super::replay::with_replay;
 use super::service::Shared;
 use super::{retry_after, Classify, Outcome, ReplayBody};
 
@@ -34,7 +34,9 @@ pin_project! {
         // body cannot be replayed or no retry is left.
         replay: Option<Request<B>>,
         method: Method,
-        delays: Delays,
+        schedule: Schedule,
+        // The sleep before the next retry, kept for the one after.
+        sleep: Option<Pin<Box<Sleep>>>,
         // The attempt in flight, 1 for the first try.
         attempt: u32,
         // When the deadline runs out; the clock is read only if one is set.
@@ -49,7 +51,7 @@ pin_project! {
         // An attempt is in flight.
         Called { #[pin] future: F },
         // Waiting out the delay before the next attempt.
-        Sleeping { #[pin] sleep: Sleep },
+        Sleeping,
         // Waiting for the inner service to be ready for the next attempt.
         Readying,
     }
@@ -64,7 +66,7 @@ where
         service: S,
         replay: Option<Request<B>>,
         method: Method,
-        delays: Delays,
+        number: u64,
         shared: Arc<Shared<C>>,
     ) -> Self {
         ResponseFuture {
@@ -72,13 +74,51 @@ where
             service,
             replay,
             method,
-            delays,
+            schedule: Schedule::Undrawn { number },
+            sleep: None,
             attempt: 1,
             deadline: shared
                 .config
                 .deadline
                 .and_then(|budget| Instant::now().checked_add(budget)),
             shared,
+        }
+    }
+}
+
+/// A request's retry delays: drawn when its first retry is due, so that
+/// the many requests that never retry carry a number, not a schedule.
+#[derive(Debug)]
+enum Schedule {
+    /// The request's number: its jitter stream.
+    Undrawn {
+        number: u64,
+    },
+    // Boxed: few requests retry, and the future is moved by value.
+    Drawn(Box<Delays>),
+}
+
+impl Schedule {
+    /// The delays, drawn now if they were not.
+    fn delays<C>(&mut self, shared: &Shared<C>) -> &mut Delays {
+        if let Schedule::Undrawn { number } = *self {
+            let delays = shared
+                .config
+                .backoff
+                .stream_for_request(number, shared.unseeded_key);
+            *self = Schedule::Drawn(Box::new(delays));
+        }
+        match self {
+            Schedule::Drawn(delays) => delays,
+            Schedule::Undrawn { .. } => unreachable!("drawn above"),
+        }
+    }
+
+    /// Whether a retry is left.
+    fn any_left<C>(&self, shared: &Shared<C>) -> bool {
+        match self {
+            Schedule::Undrawn { .. } => shared.config.backoff.retries() > 0,
+            Schedule::Drawn(delays) => delays.len() > 0,
         }
     }
 }
@@ -120,7 +160,7 @@ where
                     let stop = if !config.classify.is_retryable(this.method, &outcome) {
                         Err(Stop::NotRetryable)
                     } else if this.replay.is_none() {
-                        Err(if this.delays.len() == 0 {
+                        Err(if !this.schedule.any_left(this.shared) {
                             Stop::RetriesSpent
                         } else {
                             Stop::NotReplayable
@@ -130,7 +170,7 @@ where
                         // throttled a third time is not held by its
                         // connection's pace, and waits the larger.
                         next_delay(
-                            this.delays,
+                            this.schedule.delays(this.shared),
                             &outcome,
                             config.max_retry_after,
                             config.retry_after_alone && *this.attempt <= 2,
@@ -172,23 +212,27 @@ where
                     if delay.is_zero() {
                         this.state.set(State::Readying);
                     } else {
-                        this.state.set(State::Sleeping {
-                            sleep: sleep(delay),
-                        });
+                        let until = deadline_in(delay);
+                        match this.sleep {
+                            Some(sleep) => sleep.as_mut().reset(until),
+                            None => *this.sleep = Some(Box::pin(sleep_until(until))),
+                        }
+                        this.state.set(State::Sleeping);
                     }
                 }
-                StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
+                StateProj::Sleeping => {
+                    let sleep = this.sleep.as_mut().expect("a sleeping retry has its sleep");
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
                     ready!(this.service.poll_ready(cx)).map_err(Into::into)?;
-                    let request = this
+                    let mut request = this
                         .replay
                         .take()
                         .expect("a retry is scheduled only with a replay copy in hand");
-                    if this.delays.len() > 0 {
-                        *this.replay = try_replay_request(&request);
+                    if this.schedule.any_left(this.shared) {
+                        (request, *this.replay) = with_replay(request);
                     }
                     let future = this.service.call(request);
                     this.state.set(State::Called { future });
@@ -196,6 +240,14 @@ where
             }
         }
     }
+}
+
+/// `wait` from now, or (overflowing the clock) as far as tokio's own
+/// `sleep` would go: about 30 years.
+fn deadline_in(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// `(delay, policy delay, server's Retry-After)` for the next retry.

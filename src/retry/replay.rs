@@ -35,17 +35,18 @@ impl<B: Clone> ReplayBody for B {
     }
 }
 
-/// A copy of `request` (method, URI, version, headers, extensions, body), or
-/// `None` if its body cannot be replayed.
-pub(crate) fn try_replay_request<B: ReplayBody>(
-    request: &http::Request<B>,
-) -> Option<http::Request<B>> {
-    let body = request.body().try_replay()?;
-    let mut copy = http::Request::new(body);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    *copy.extensions_mut() = request.extensions().clone();
-    Some(copy)
+/// `request`, and a copy of it (method, URI, version, headers, extensions,
+/// body) if its body can be replayed.
+///
+/// The head is cloned whole (`Parts: Clone`), not field by field into a
+/// `Request::new`, whose default URI is parsed only to be dropped.
+pub(crate) fn with_replay<B: ReplayBody>(
+    request: http::Request<B>,
+) -> (http::Request<B>, Option<http::Request<B>>) {
+    let Some(body) = request.body().try_replay() else {
+        return (request, None);
+    };
+    let (head, original) = request.into_parts();
+    let copy = http::Request::from_parts(head.clone(), body);
+    (http::Request::from_parts(head, original), Some(copy))
 }

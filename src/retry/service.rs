@@ -8,7 +8,7 @@ use tower::{BoxError, Service};
 
 use super::budget::Ledger;
 use super::future::ResponseFuture;
-use super::replay::try_replay_request;
+use super::replay::with_replay;
 use super::{Classify, DefaultClassify, ReplayBody, RetryLayer};
 
 /// Retries a request while its outcome is retryable and the schedule, the
@@ -88,13 +88,10 @@ where
         if let Some(budget) = &self.shared.budget {
             budget.deposit();
         }
-        let delays = config
-            .backoff
-            .stream_for_request(number, self.shared.unseeded_key);
-        let replay = if delays.len() > 0 {
-            try_replay_request(&request)
+        let (request, replay) = if config.backoff.retries() > 0 {
+            with_replay(request)
         } else {
-            None
+            (request, None)
         };
         let method = request.method().clone();
         // The clone serves the retries (each after its own poll_ready); the
@@ -106,7 +103,7 @@ where
             service,
             replay,
             method,
-            delays,
+            number,
             Arc::clone(&self.shared),
         )
     }
