@@ -355,3 +355,52 @@ async fn never_more_than_parallelism_plus_queue_inside_under_races() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_with_a_free_slot_is_called_from_call() {
+    let (mut client, probe) = gate(ConcurrencyGateLayer::new(1).queue_limit(1), secs(1));
+    let first = client.ready().await.unwrap().call(1);
+    assert_eq!(
+        *probe.order.lock().unwrap(),
+        [1],
+        "called before its first poll"
+    );
+    // No slot left: the second waits in the queue, uncalled, until the
+    // first ends.
+    let second = client.ready().await.unwrap().call(2);
+    assert_eq!(*probe.order.lock().unwrap(), [1]);
+    watchdog(secs(5), async {
+        let (a, b) = tokio::join!(first, second);
+        assert_eq!((a.unwrap(), b.unwrap()), (1, 2));
+    })
+    .await;
+    assert_eq!(*probe.order.lock().unwrap(), [1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_that_reserves_in_poll_ready_gets_every_request_through() {
+    // tower's `ConcurrencyLimit(1)` inside a gate of 3: a request handed a
+    // slot finds the inner service not ready (its permit held by another),
+    // and the future must drive that same service ready, permit and all:
+    // a fresh clone would queue behind the one left waiting in the gate.
+    let probe = Probe {
+        latency: secs(1),
+        ..Probe::default()
+    };
+    let limited = tower::limit::ConcurrencyLimitLayer::new(1).layer(probe.clone());
+    let mut client = ConcurrencyGateLayer::new(3).layer(limited);
+    watchdog(secs(10), async {
+        let calls: Vec<_> = (0..3)
+            .map(|id| {
+                let future = client.call(id);
+                tokio::spawn(future)
+            })
+            .collect();
+        for (id, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), id as u32);
+        }
+    })
+    .await;
+    assert_eq!(probe.most.load(Ordering::SeqCst), 1);
+    assert_eq!(*probe.order.lock().unwrap(), [0, 1, 2]);
+}

@@ -562,3 +562,45 @@ async fn a_learned_pace_keeps_a_rounding_server_busy() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_with_its_token_free_is_sent_from_call_and_one_without_waits_to_be_polled() {
+    watchdog(secs(60), async {
+        let server = Script::new();
+        let mut client = limited(Quota::per_second(1), &server);
+        let first = ServiceExt::<Request<()>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(on("crm"));
+        assert_eq!(
+            server.count(),
+            1,
+            "sent before its first poll, as tower's RateLimit does"
+        );
+        let second = ServiceExt::<Request<()>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(on("crm"));
+        assert_eq!(
+            server.count(),
+            1,
+            "no token: nothing spent until it is polled"
+        );
+        // Dropped unpolled, the waiting request spent nothing: the next
+        // token is still the one due in a second.
+        drop(second);
+        let started = Instant::now();
+        let first: http::Response<_> = first.await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let third = ServiceExt::<Request<()>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(on("crm"))
+            .await
+            .unwrap();
+        assert_eq!(third.status(), StatusCode::OK);
+        assert_eq!(started.elapsed(), secs(1));
+        assert_eq!(server.count(), 2);
+    })
+    .await;
+}

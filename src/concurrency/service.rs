@@ -30,9 +30,12 @@ use crate::Error;
 ///   `poll_ready`, and cannot hold up the clones of other callers;
 /// - refusal is per request, as a typed error, instead of an error from
 ///   `poll_ready` (which tells tower the service itself has failed);
-/// - the inner service is cloned into the future and polled ready there,
-///   once the request holds its slot, so the gate composes with any
-///   `tower::ServiceBuilder` stack and needs no `Buffer`.
+/// - a request handed a slot is called at once, from `call`, if the inner
+///   service is ready without waiting (asked with a waker that does
+///   nothing, as the common HTTP clients always are); otherwise the inner
+///   service goes into the future and is polled ready there, once the
+///   request holds its slot (a fresh clone stays behind), so the gate
+///   composes with any `tower::ServiceBuilder` stack and needs no `Buffer`.
 ///
 /// A slot is returned when the response future completes (for HTTP: when
 /// the response head arrives) or is dropped; a queued future that is

@@ -52,8 +52,10 @@ const MIN_SHARD_KEYS: usize = 64;
 ///
 /// Keys are spread over up to 16 shards, each behind a read-write lock: a
 /// known key is found under the shared lock, with **one** hash of the key
-/// (SipHash, as std's `HashMap`, so keys built from request data cannot be
-/// chosen to collide), and its bucket is one atomic compare-and-swap. Each
+/// (foldhash, hashbrown's default, seeded per store: keys name the caller's
+/// own connections, at most `max_keys` of them, so std's slower,
+/// flood-resistant SipHash buys nothing here), and its bucket is one atomic
+/// compare-and-swap. Each
 /// shard keeps its keys in a slab (key, bucket state, learned pace, a
 /// "used" flag) and an index of 4-byte slab positions. A
 /// [`ConnectionKey`](crate::ConnectionKey) costs about 140 bytes of store,

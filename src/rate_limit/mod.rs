@@ -93,9 +93,13 @@
 //!
 //! The key depends on the request, so the wait happens in the response
 //! future, not in `poll_ready` (which only passes the inner service's
-//! readiness through). The future sleeps until the bucket says a token will
-//! be ready, then tries again; it takes the token and sends the request in
-//! the same poll, so dropping it never wastes a token. With
+//! readiness through). A request whose token is there, with nobody waiting
+//! on its connection, takes it and is sent from `call`, as
+//! `tower::limit::RateLimit` spends its permit there (and its future carries
+//! nothing but the inner one's). Any other sleeps in its future until the
+//! bucket says a token will be ready, then tries again; it takes the token
+//! and sends the request in the same poll, so dropping a waiting request
+//! never wastes a token. With
 //! [`max_wait`](RateLimitLayer::max_wait), a request whose token is further
 //! away fails at once with [`Error::RateLimited`](crate::Error::RateLimited).
 //!
