@@ -7,6 +7,14 @@
 //! gives back what it held, which is what makes every future of the gate
 //! cancel-safe.
 //!
+//! One exception, the fast lane ([`Lane`]): while nobody waits, the free
+//! slots are put in an atomic word, and a request takes one (and gives it
+//! back) with a compare-and-swap instead of the mutex, as tokio's
+//! semaphore hands out permits. The mutex counts those slots as in flight
+//! ("reserved"), and whoever takes it first takes them back out of the
+//! word and closes the lane, so everything decided under it sees every
+//! free slot, and a slot released while a request waits reaches it.
+//!
 //! A request *waits* either in a line for a slot ([`Place`]) or, admitted,
 //! with its slot lent back while it waits for its connection's token
 //! ([`Lent`]); both count against `queue_limit`. A lent slot is taken back
@@ -23,6 +31,9 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicWaker, Mutex, MutexGuard};
 
 pub(crate) struct Gate {
     state: Mutex<State>,
+    // The free slots while nobody waits, and the ticket counter (see
+    // `Lane`).
+    lane: AtomicU64,
     queue_limit: usize,
     // Whether requests wait in one line per connection, served in turn
     // (else all in one line, and every `line` given is read as 0).
@@ -58,7 +69,6 @@ struct State {
     // waiting place was free, by slot ticket: woken to lend it when a
     // ticket starts waiting (see `Gate::lend`).
     stuck: BTreeMap<u64, Waker>,
-    next_ticket: u64,
 }
 
 impl State {
@@ -194,8 +204,8 @@ impl Gate {
                 lent: 0,
                 lines: Lines::default(),
                 stuck: BTreeMap::new(),
-                next_ticket: 0,
             }),
+            lane: AtomicU64::new(0),
             queue_limit,
             by_line,
             refused: AtomicU64::new(0),
@@ -298,9 +308,25 @@ impl Gate {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// The state, with the fast lane's free slots taken back (so that
+    /// `in_flight` counts only slots held); the lane reopens, if the gate
+    /// is calm, when the guard drops.
+    fn lock(&self) -> Locked<'_> {
+        let mut state = self.peek();
+        state.in_flight -= Lane::close(&self.lane);
+        Locked { state, gate: self }
+    }
+
+    /// The state as it is, the lane left alone: for what does not read
+    /// `in_flight`.
+    fn peek(&self) -> MutexGuard<'_, State> {
         // No code that can panic runs under this lock; recover regardless.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A ticket: the order of arrival.
+    fn next_ticket(&self) -> u64 {
+        Lane::ticket(&self.lane)
     }
 
     /// Whether requests wait in one line per connection.
@@ -320,6 +346,13 @@ impl Gate {
     /// then needs no line. (A function of `&Arc<Gate>` rather than a
     /// method on `self: &Arc<Self>`: loom's `Arc` cannot be a receiver.)
     pub(crate) fn try_slot(gate: &Arc<Gate>) -> Option<Slot> {
+        if let Some(ticket) = Lane::take(&gate.lane) {
+            return Some(Slot {
+                gate: Arc::clone(gate),
+                ticket,
+                held: true,
+            });
+        }
         let mut state = gate.lock();
         if !state.slot_free() {
             return None;
@@ -329,8 +362,7 @@ impl Gate {
 
     fn seat(gate: &Arc<Gate>, state: &mut State) -> Slot {
         state.in_flight += 1;
-        let ticket = state.next_ticket;
-        state.next_ticket += 1;
+        let ticket = gate.next_ticket();
         Slot {
             gate: Arc::clone(gate),
             ticket,
@@ -341,6 +373,13 @@ impl Gate {
     /// Admits one request, of `line`, to `gate`.
     pub(crate) fn admit(gate: &Arc<Gate>, line: u64) -> Admission {
         let line = gate.line(line);
+        if let Some(ticket) = Lane::take(&gate.lane) {
+            return Admission::Slot(Slot {
+                gate: Arc::clone(gate),
+                ticket,
+                held: true,
+            });
+        }
         let mut state = gate.lock();
         if state.parallelism == 0 {
             return Admission::Closed;
@@ -349,8 +388,7 @@ impl Gate {
             return Admission::Slot(Self::seat(gate, &mut state));
         }
         if state.lines.len() + state.lent < gate.queue_limit {
-            let ticket = state.next_ticket;
-            state.next_ticket += 1;
+            let ticket = gate.next_ticket();
             let (waiter, stuck) = Self::wait_in_line(&mut state, line, ticket, false);
             drop(state);
             if let Some(stuck) = stuck {
@@ -372,6 +410,9 @@ impl Gate {
     /// Gives a slot back: to the next ticket if parallelism allows,
     /// otherwise to the pool.
     fn release(&self, ticket: u64) {
+        if Lane::give(&self.lane) {
+            return;
+        }
         let mut state = self.lock();
         let forgotten = if state.stuck.is_empty() {
             None
@@ -485,19 +526,20 @@ impl Gate {
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.lock().in_flight
+        let state = self.peek();
+        state.in_flight - Lane::free(&self.lane)
     }
 
     pub(crate) fn queued(&self) -> usize {
-        self.lock().lines.len()
+        self.peek().lines.len()
     }
 
     pub(crate) fn lent(&self) -> usize {
-        self.lock().lent
+        self.peek().lent
     }
 
     pub(crate) fn parallelism(&self) -> usize {
-        self.lock().parallelism
+        self.peek().parallelism
     }
 
     pub(crate) fn queue_limit(&self) -> usize {
@@ -523,6 +565,145 @@ impl Gate {
         for waiter in woken {
             waiter.grant();
         }
+    }
+}
+
+/// The gate's state under its lock, the lane closed; reopens the lane on
+/// drop if the gate is calm.
+struct Locked<'a> {
+    state: MutexGuard<'a, State>,
+    gate: &'a Gate,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let state = &mut *self.state;
+        // Calm: nobody waits for a slot or to lend one, and the slots in
+        // flight are within the parallelism (after it was lowered, each
+        // release must retire its slot, under the lock). A full gate opens
+        // with no free slot: releases then go to the lane.
+        if state.lines.len() == 0
+            && state.stuck.is_empty()
+            && state.in_flight <= state.parallelism
+            && state.parallelism <= Lane::MAX_FREE
+        {
+            let free = state.parallelism - state.in_flight;
+            state.in_flight += free;
+            Lane::open(&self.gate.lane, free);
+        }
+    }
+}
+
+/// The fast lane: one atomic word holding the gate's ticket counter, its
+/// free slots while it is calm, and whether it is open.
+///
+/// ```text
+/// bits 63..24  ticket counter (wraps after 2^40 tickets)
+/// bits 23..1   free slots, taken and given back without the lock
+/// bit  0       open
+/// ```
+///
+/// Only the lock holder opens or closes the lane; while it is closed, the
+/// free slots are 0 and every take and give goes through the lock. A slot
+/// given back while the lane is open goes to the word (nobody waits, or
+/// the lane would be closed); one given back while it is closed goes
+/// through the lock, to a waiting ticket if any. Tickets are drawn from the
+/// same word so that a fast take costs one compare-and-swap: tower's
+/// `ConcurrencyLimit` pays one to take a permit and the mutex of tokio's
+/// semaphore to give it back.
+struct Lane;
+
+impl Lane {
+    const OPEN: u64 = 1;
+    const FREE_SHIFT: u32 = 1;
+    const FREE_BITS: u32 = 23;
+    const FREE_ONE: u64 = 1 << Self::FREE_SHIFT;
+    const FREE_MASK: u64 = ((1 << Self::FREE_BITS) - 1) << Self::FREE_SHIFT;
+    const TICKET_SHIFT: u32 = Self::FREE_SHIFT + Self::FREE_BITS;
+    const TICKET_ONE: u64 = 1 << Self::TICKET_SHIFT;
+    /// The most parallelism the lane serves (8,388,607); a gate above it
+    /// decides every request under its lock.
+    const MAX_FREE: usize = (1 << Self::FREE_BITS) - 1;
+
+    fn free_of(word: u64) -> usize {
+        ((word & Self::FREE_MASK) >> Self::FREE_SHIFT) as usize
+    }
+
+    /// A free slot's ticket, if the lane is open and has a slot.
+    #[inline]
+    fn take(lane: &AtomicU64) -> Option<u64> {
+        let mut word = lane.load(Ordering::Relaxed);
+        loop {
+            if word & Self::OPEN == 0 || word & Self::FREE_MASK == 0 {
+                return None;
+            }
+            let next = word.wrapping_add(Self::TICKET_ONE) - Self::FREE_ONE;
+            match lane.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(word >> Self::TICKET_SHIFT),
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// Gives a slot back to the open lane; `false` if it is closed (the
+    /// caller then releases under the lock).
+    #[inline]
+    fn give(lane: &AtomicU64) -> bool {
+        let mut word = lane.load(Ordering::Relaxed);
+        loop {
+            if word & Self::OPEN == 0 {
+                return false;
+            }
+            // Below `MAX_FREE`: the lane holds at most the parallelism less
+            // the slots held, this one among them.
+            let next = word + Self::FREE_ONE;
+            match lane.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// Closes the lane and returns the free slots it held (lock held).
+    fn close(lane: &AtomicU64) -> usize {
+        let word = lane.load(Ordering::Relaxed);
+        if word & (Self::OPEN | Self::FREE_MASK) == 0 {
+            return 0;
+        }
+        Self::free_of(lane.fetch_and(!(Self::OPEN | Self::FREE_MASK), Ordering::AcqRel))
+    }
+
+    /// Opens the closed lane with `free` slots (lock held, `free <=
+    /// MAX_FREE`).
+    fn open(lane: &AtomicU64, free: usize) {
+        lane.fetch_add(
+            ((free as u64) << Self::FREE_SHIFT) | Self::OPEN,
+            Ordering::AcqRel,
+        );
+    }
+
+    /// The free slots in the lane now (a figure: it moves).
+    fn free(lane: &AtomicU64) -> usize {
+        Self::free_of(lane.load(Ordering::Relaxed))
+    }
+
+    /// The next ticket.
+    fn ticket(lane: &AtomicU64) -> u64 {
+        lane.fetch_add(Self::TICKET_ONE, Ordering::Relaxed) >> Self::TICKET_SHIFT
     }
 }
 
@@ -679,10 +860,10 @@ impl Drop for Place {
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = self.lock();
+        let state = self.peek();
         f.debug_struct("Gate")
             .field("parallelism", &state.parallelism)
-            .field("in_flight", &state.in_flight)
+            .field("in_flight", &(state.in_flight - Lane::free(&self.lane)))
             .field("queued", &state.lines.len())
             .field("lent", &state.lent)
             .field("queue_limit", &self.queue_limit)
@@ -743,6 +924,40 @@ mod tests {
         assert_eq!((g.in_flight(), g.queued()), (1, 0));
         drop(second); // handed a slot, never used it: back to the pool
         assert_eq!((g.in_flight(), g.queued()), (0, 0));
+    }
+
+    #[test]
+    fn the_lane_holds_the_free_slots_only_while_nobody_waits() {
+        let g = gate(2, 1);
+        let a = slot(Gate::admit(&g, 0));
+        // Calm after the first (locked) admission: the other slot is in
+        // the lane, and the figures do not count it as in flight.
+        assert_eq!(Lane::free(&g.lane), 1);
+        assert_eq!(g.in_flight(), 1);
+        let b = slot(Gate::admit(&g, 0));
+        assert_eq!((Lane::free(&g.lane), g.in_flight()), (0, 2));
+        assert!(a.ticket < b.ticket, "tickets keep the order of arrival");
+        // A request queues: the lane closes, and a slot given back goes to
+        // the ticket, not to the lane.
+        let mut c = place(Gate::admit(&g, 0));
+        assert_eq!(g.lane.load(Ordering::Relaxed) & Lane::OPEN, 0);
+        drop(a);
+        assert!(c.poll_granted(&mut cx()).is_ready());
+        let c = c.into_slot();
+        assert!(b.ticket < c.ticket);
+        drop((b, c));
+        assert_eq!((g.in_flight(), g.queued()), (0, 0));
+        assert_eq!(Lane::free(&g.lane), 2, "calm again: both slots in the lane");
+    }
+
+    #[test]
+    fn a_gate_past_the_lane_decides_under_its_lock() {
+        let g = gate(Lane::MAX_FREE + 1, 0);
+        let a = slot(Gate::admit(&g, 0));
+        assert_eq!(g.lane.load(Ordering::Relaxed) & Lane::OPEN, 0);
+        assert_eq!(g.in_flight(), 1);
+        drop(a);
+        assert_eq!(g.in_flight(), 0);
     }
 
     #[test]
@@ -1092,6 +1307,52 @@ mod loom_models {
             });
             drop(slot);
             waiter.join().unwrap();
+            assert_eq!(settled(&gate), (0, 0));
+        });
+    }
+
+    #[test]
+    fn loom_slots_given_back_through_the_lane_reach_a_request_that_queues() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new(2, 1, false));
+            let (Admission::Slot(first), Admission::Slot(second)) =
+                (Gate::admit(&gate, 0), Gate::admit(&gate, 0))
+            else {
+                panic!("two slots");
+            };
+            let releasing = thread::spawn(move || drop(first));
+            let other = Arc::clone(&gate);
+            let third = thread::spawn(move || match Gate::admit(&other, 0) {
+                Admission::Queued(place) => wait_then_run(place),
+                Admission::Slot(slot) => drop(slot),
+                _ => panic!("refused with a place free"),
+            });
+            drop(second);
+            releasing.join().unwrap();
+            third.join().unwrap();
+            assert_eq!(settled(&gate), (0, 0));
+        });
+    }
+
+    #[test]
+    fn loom_lowering_parallelism_as_a_slot_goes_back_through_the_lane() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new(2, 1, false));
+            let (Admission::Slot(first), Admission::Slot(second)) =
+                (Gate::admit(&gate, 0), Gate::admit(&gate, 0))
+            else {
+                panic!("two slots");
+            };
+            let other = Arc::clone(&gate);
+            let lowering = thread::spawn(move || other.set_parallelism(1));
+            drop(first);
+            lowering.join().unwrap();
+            // One slot held, parallelism 1: a newcomer waits.
+            let Admission::Queued(place) = Gate::admit(&gate, 0) else {
+                panic!("admitted over the lowered parallelism");
+            };
+            drop(second);
+            wait_then_run(place);
             assert_eq!(settled(&gate), (0, 0));
         });
     }
