@@ -31,6 +31,10 @@ pub struct ConnectionKey(Repr);
 #[derive(Clone, Eq)]
 enum Repr {
     Named(Arc<str>),
+    // An http(s) origin short enough to keep inline: building, hashing
+    // and comparing it touch no shared counter and no other cache line
+    // (the stored key's bytes are not a cache miss away).
+    Inline(InlineOrigin),
     // Clones of the request URI's parts: reference counts, no allocation.
     // The authority is lowercase (a copy only when the URI's was not), so
     // that it hashes and compares as plain bytes: `Authority`'s own `Hash`
@@ -48,6 +52,7 @@ impl PartialEq for Repr {
             // does not, `str` being unsized).
             (Repr::Named(a), Repr::Named(b)) => Arc::ptr_eq(a, b) || a == b,
             (Repr::Origin(s1, a1), Repr::Origin(s2, a2)) => a1.as_str() == a2.as_str() && s1 == s2,
+            (Repr::Inline(a), Repr::Inline(b)) => a == b,
             (Repr::NoAuthority, Repr::NoAuthority) => true,
             _ => false,
         }
@@ -68,6 +73,10 @@ impl Hash for Repr {
                 authority.as_str().hash(state);
             }
             Repr::NoAuthority => state.write_u8(2),
+            Repr::Inline(origin) => {
+                state.write_u8(3);
+                origin.hash(state);
+            }
         }
     }
 }
@@ -81,11 +90,67 @@ impl ConnectionKey {
     /// The key a request gets without a `ConnectionKey` extension.
     pub fn of_uri(uri: &http::Uri) -> Self {
         match uri.authority() {
-            Some(authority) => {
-                ConnectionKey(Repr::Origin(uri.scheme().cloned(), lowercase(authority)))
-            }
+            Some(authority) => match InlineOrigin::new(uri.scheme_str(), authority.as_str()) {
+                Some(origin) => ConnectionKey(Repr::Inline(origin)),
+                None => ConnectionKey(Repr::Origin(uri.scheme().cloned(), lowercase(authority))),
+            },
             None => ConnectionKey(Repr::NoAuthority),
         }
+    }
+}
+
+/// The longest authority (`host:port`) kept inline: the key stays 48
+/// bytes, as long as the `Origin` variant.
+const INLINE: usize = 38;
+
+/// A request's scheme, when it is one an inline origin records.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+enum InlineScheme {
+    None,
+    Http,
+    Https,
+}
+
+/// An origin kept in the key itself: its scheme and its authority, in
+/// lowercase, zero-padded (so that derived equality and hashing are by
+/// content).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct InlineOrigin {
+    scheme: InlineScheme,
+    len: u8,
+    bytes: [u8; INLINE],
+}
+
+impl InlineOrigin {
+    /// The inline form of `scheme://authority`, if it has one: no scheme,
+    /// http or https, and an authority of at most `INLINE` bytes. Which
+    /// form an origin takes depends on its content only, so one origin
+    /// always has the same key.
+    fn new(scheme: Option<&str>, authority: &str) -> Option<Self> {
+        let scheme = match scheme {
+            None => InlineScheme::None,
+            Some("http") => InlineScheme::Http,
+            Some("https") => InlineScheme::Https,
+            Some(_) => return None,
+        };
+        if authority.len() > INLINE {
+            return None;
+        }
+        let mut bytes = [0; INLINE];
+        for (to, from) in bytes.iter_mut().zip(authority.bytes()) {
+            *to = from.to_ascii_lowercase();
+        }
+        Some(InlineOrigin {
+            scheme,
+            len: authority.len() as u8,
+            bytes,
+        })
+    }
+
+    fn authority(&self) -> &str {
+        // Lowercased from a `&str`'s bytes, ASCII only changed: still UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("?")
     }
 }
 
@@ -110,6 +175,11 @@ impl fmt::Debug for ConnectionKey {
             }
             Repr::Origin(None, authority) => write!(f, "ConnectionKey({authority})"),
             Repr::NoAuthority => f.write_str("ConnectionKey(<no authority>)"),
+            Repr::Inline(origin) => match origin.scheme {
+                InlineScheme::None => write!(f, "ConnectionKey({})", origin.authority()),
+                InlineScheme::Http => write!(f, "ConnectionKey(http://{})", origin.authority()),
+                InlineScheme::Https => write!(f, "ConnectionKey(https://{})", origin.authority()),
+            },
         }
     }
 }
@@ -160,6 +230,10 @@ where
 mod tests {
     use super::*;
 
+    fn key_of(uri: &str) -> ConnectionKey {
+        ByConnection.key_of(&head(uri))
+    }
+
     fn head(uri: &str) -> Parts {
         http::Request::get(uri).body(()).unwrap().into_parts().0
     }
@@ -183,6 +257,32 @@ mod tests {
             hash_in("http://a.example:8080/y")
         );
         assert_ne!(hash_in("http://a.example/"), hash_in("http://b.example/"));
+        // Authorities too long to keep inline, and other schemes, still
+        // key by origin.
+        let long = "a-host-name-far-too-long-to-keep-inline.example";
+        assert_eq!(
+            key_of(&format!("http://{long}/x")),
+            key_of(&format!("http://{}/y", long.to_ascii_uppercase()))
+        );
+        assert_ne!(
+            key_of(&format!("http://{long}/")),
+            key_of(&format!("https://{long}/"))
+        );
+        assert_eq!(
+            format!("{:?}", key_of(&format!("https://{long}:8443/"))),
+            format!("ConnectionKey(https://{long}:8443)")
+        );
+        assert_eq!(key("ftp://a.example/x"), key("ftp://A.example/y"));
+        assert_ne!(key("ftp://a.example/"), key("http://a.example/"));
+        assert_eq!(
+            format!("{:?}", key("https://a.example/")),
+            "ConnectionKey(https://a.example)"
+        );
+        assert_eq!(
+            std::mem::size_of::<ConnectionKey>(),
+            48,
+            "the inline form must not grow the key (per-key memory)"
+        );
         assert_ne!(key("http://a.example/"), key("http://b.example/"));
         assert_ne!(key("http://a.example/"), key("https://a.example/"));
         assert_ne!(key("http://a.example/"), key("http://a.example:8080/"));
