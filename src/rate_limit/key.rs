@@ -38,8 +38,8 @@ enum Repr {
     // Clones of the request URI's parts: reference counts, no allocation.
     // The authority is lowercase (a copy only when the URI's was not), so
     // that it hashes and compares as plain bytes: `Authority`'s own `Hash`
-    // lowercases byte by byte, which was a tenth of a one-key `RateLimit`
-    // call (issue 16).
+    // lowercases byte by byte (with its `eq`, 7% of a one-key `RateLimit`
+    // call's samples under perf, issue 16).
     Origin(Option<Scheme>, Authority),
     NoAuthority,
 }
