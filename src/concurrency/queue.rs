@@ -1292,6 +1292,25 @@ mod loom_models {
         drop(place.into_slot());
     }
 
+    /// A request that must find a free slot.
+    fn seated_now(gate: &Arc<Gate>) -> Slot {
+        match Gate::admit(gate, 0) {
+            Admission::Slot(slot) => slot,
+            _ => panic!("a slot was free"),
+        }
+    }
+
+    /// A request arriving on a thread of its own: it runs at once or waits
+    /// its turn, then gives its slot back.
+    fn arrive_and_run(gate: &Arc<Gate>) -> thread::JoinHandle<()> {
+        let gate = Arc::clone(gate);
+        thread::spawn(move || match Gate::admit(&gate, 0) {
+            Admission::Queued(place) => wait_then_run(place),
+            Admission::Slot(slot) => drop(slot),
+            _ => panic!("refused with a place free"),
+        })
+    }
+
     #[test]
     fn loom_a_freed_slot_reaches_the_waiter() {
         loom::model(|| {
@@ -1299,12 +1318,7 @@ mod loom_models {
             let Admission::Slot(slot) = Gate::admit(&gate, 0) else {
                 panic!("the first request runs");
             };
-            let other = Arc::clone(&gate);
-            let waiter = thread::spawn(move || match Gate::admit(&other, 0) {
-                Admission::Queued(place) => wait_then_run(place),
-                Admission::Slot(slot) => drop(slot),
-                _ => panic!("refused with a place free"),
-            });
+            let waiter = arrive_and_run(&gate);
             drop(slot);
             waiter.join().unwrap();
             assert_eq!(settled(&gate), (0, 0));
@@ -1315,18 +1329,9 @@ mod loom_models {
     fn loom_slots_given_back_through_the_lane_reach_a_request_that_queues() {
         loom::model(|| {
             let gate = Arc::new(Gate::new(2, 1, false));
-            let (Admission::Slot(first), Admission::Slot(second)) =
-                (Gate::admit(&gate, 0), Gate::admit(&gate, 0))
-            else {
-                panic!("two slots");
-            };
+            let (first, second) = (seated_now(&gate), seated_now(&gate));
             let releasing = thread::spawn(move || drop(first));
-            let other = Arc::clone(&gate);
-            let third = thread::spawn(move || match Gate::admit(&other, 0) {
-                Admission::Queued(place) => wait_then_run(place),
-                Admission::Slot(slot) => drop(slot),
-                _ => panic!("refused with a place free"),
-            });
+            let third = arrive_and_run(&gate);
             drop(second);
             releasing.join().unwrap();
             third.join().unwrap();
@@ -1338,11 +1343,7 @@ mod loom_models {
     fn loom_lowering_parallelism_as_a_slot_goes_back_through_the_lane() {
         loom::model(|| {
             let gate = Arc::new(Gate::new(2, 1, false));
-            let (Admission::Slot(first), Admission::Slot(second)) =
-                (Gate::admit(&gate, 0), Gate::admit(&gate, 0))
-            else {
-                panic!("two slots");
-            };
+            let (first, second) = (seated_now(&gate), seated_now(&gate));
             let other = Arc::clone(&gate);
             let lowering = thread::spawn(move || other.set_parallelism(1));
             drop(first);
