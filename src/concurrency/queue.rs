@@ -617,6 +617,13 @@ impl Drop for Locked<'_> {
 /// bit  0       open
 /// ```
 ///
+/// Tickets order the lines (first come, first served) and the requests
+/// taking back a slot they lent. The counter has 40 bits: after 2^40
+/// tickets (four months at 100,000 requests a second) it wraps, and the
+/// requests waiting at that instant may be served out of order once; no
+/// slot or place is lost or doubled by it. A full-width counter would cost
+/// the fast lane a second atomic operation per request.
+///
 /// Only the lock holder opens or closes the lane; while it is closed, the
 /// free slots are 0 and every take and give goes through the lock. A slot
 /// given back while the lane is open goes to the word (nobody waits, or

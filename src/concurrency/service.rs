@@ -21,8 +21,9 @@ use crate::Error;
 ///
 /// # `poll_ready` and `call`
 ///
-/// `poll_ready` is always ready and reserves nothing; `call` decides at once,
-/// under the gate's lock: a free slot (the request runs), a place in the
+/// `poll_ready` is always ready and reserves nothing; `call` decides at once
+/// (with one compare-and-swap while nobody waits, else under the gate's
+/// lock): a free slot (the request runs), a place in the
 /// queue (it waits its turn), or the queue is full (its future
 /// fails with [`Error::QueueFull`] on first poll, without waiting). So
 ///
