@@ -168,6 +168,7 @@ mod sync;
 #[cfg(test)]
 mod test_util;
 pub mod testing;
+mod timer;
 
 pub use builder::{Tollgate, TollgateBuilder, TollgateLayer, TollgateService};
 pub use concurrency::{ConcurrencyGate, ConcurrencyGateLayer};

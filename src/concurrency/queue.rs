@@ -346,18 +346,23 @@ impl Gate {
     /// then needs no line. (A function of `&Arc<Gate>` rather than a
     /// method on `self: &Arc<Self>`: loom's `Arc` cannot be a receiver.)
     pub(crate) fn try_slot(gate: &Arc<Gate>) -> Option<Slot> {
-        if let Some(ticket) = Lane::take(&gate.lane) {
-            return Some(Slot {
-                gate: Arc::clone(gate),
-                ticket,
-                held: true,
-            });
+        if let Some(slot) = Self::lane_slot(gate) {
+            return Some(slot);
         }
         let mut state = gate.lock();
         if !state.slot_free() {
             return None;
         }
         Some(Self::seat(gate, &mut state))
+    }
+
+    /// A slot from the fast lane, if it is open and has one.
+    fn lane_slot(gate: &Arc<Gate>) -> Option<Slot> {
+        Lane::take(&gate.lane).map(|ticket| Slot {
+            gate: Arc::clone(gate),
+            ticket,
+            held: true,
+        })
     }
 
     fn seat(gate: &Arc<Gate>, state: &mut State) -> Slot {
@@ -373,12 +378,8 @@ impl Gate {
     /// Admits one request, of `line`, to `gate`.
     pub(crate) fn admit(gate: &Arc<Gate>, line: u64) -> Admission {
         let line = gate.line(line);
-        if let Some(ticket) = Lane::take(&gate.lane) {
-            return Admission::Slot(Slot {
-                gate: Arc::clone(gate),
-                ticket,
-                held: true,
-            });
+        if let Some(slot) = Self::lane_slot(gate) {
+            return Admission::Slot(slot);
         }
         let mut state = gate.lock();
         if state.parallelism == 0 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Sleep;
 use tower::{BoxError, Service};
 
 use super::service::{Asking, Decision, Reporting, Shared};
@@ -278,24 +278,12 @@ where
                             "waiting for a token"
                         );
                     }
-                    let until = deadline_in(Duration::from_nanos(wait));
-                    match &mut waiting.sleep {
-                        Some(sleep) => sleep.as_mut().reset(until),
-                        None => waiting.sleep = Some(Box::pin(sleep_until(until))),
-                    }
+                    crate::timer::rearm(&mut waiting.sleep, Duration::from_nanos(wait));
                     this.state.set(State::Sleeping);
                 }
             }
         }
     }
-}
-
-/// `wait` from now, or (overflowing the clock) as far as tokio's own
-/// `sleep` would go: about 30 years.
-fn deadline_in(wait: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(wait)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// The hold of a request not yet sent.

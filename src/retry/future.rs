@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::{Instant, Sleep};
 use tower::{BoxError, Service};
 
 use super::backoff::Delays;
@@ -212,11 +212,7 @@ where
                     if delay.is_zero() {
                         this.state.set(State::Readying);
                     } else {
-                        let until = deadline_in(delay);
-                        match this.sleep {
-                            Some(sleep) => sleep.as_mut().reset(until),
-                            None => *this.sleep = Some(Box::pin(sleep_until(until))),
-                        }
+                        crate::timer::rearm(this.sleep, delay);
                         this.state.set(State::Sleeping);
                     }
                 }
@@ -240,14 +236,6 @@ where
             }
         }
     }
-}
-
-/// `wait` from now, or (overflowing the clock) as far as tokio's own
-/// `sleep` would go: about 30 years.
-fn deadline_in(wait: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(wait)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// `(delay, policy delay, server's Retry-After)` for the next retry.
