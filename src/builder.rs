@@ -103,6 +103,8 @@ pub struct TollgateBuilder<F = ByConnection> {
     learn_from_headers: bool,
     #[cfg(feature = "redis")]
     store: Option<crate::redis::RedisStore>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// The layers of the [`Tollgate`] stack as one `tower::Layer`, made by
@@ -148,6 +150,8 @@ impl TollgateBuilder {
             learn_from_headers: true,
             #[cfg(feature = "redis")]
             store: None,
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
     }
 }
@@ -218,6 +222,8 @@ impl<F> TollgateBuilder<F> {
             learn_from_headers: self.learn_from_headers,
             #[cfg(feature = "redis")]
             store: self.store,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics,
         }
     }
 
@@ -304,6 +310,16 @@ impl<F> TollgateBuilder<F> {
         self
     }
 
+    /// Publishes the three layers' figures and events under `metrics`'
+    /// labels (see [`crate::metrics`]); without this call, under
+    /// [`Metrics::default`](crate::metrics::Metrics).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// The stack as one `tower::Layer`, or [`Error::InvalidConfig`] for a
     /// zero parallelism, an invalid quota, backoff or retry budget, or zero
     /// `max_keys`.
@@ -357,6 +373,15 @@ impl<F> TollgateBuilder<F> {
             Some(store) => rate_limit.store(store),
             None => rate_limit,
         };
+        #[cfg(feature = "metrics")]
+        let (gate, retry, rate_limit) = match self.metrics {
+            Some(metrics) => (
+                gate.metrics(metrics.clone()),
+                retry.metrics(metrics.clone()),
+                rate_limit.metrics(metrics),
+            ),
+            None => (gate, retry, rate_limit),
+        };
         // The gate's lines are the rate limiter's connections.
         let gate = gate.share_by(self.key_of.clone());
         let rate_limit = rate_limit.key_by(self.key_of);
@@ -396,6 +421,8 @@ impl<F> std::fmt::Debug for TollgateBuilder<F> {
             .field("learn_from_headers", &self.learn_from_headers);
         #[cfg(feature = "redis")]
         f.field("store", &self.store);
+        #[cfg(feature = "metrics")]
+        f.field("metrics", &self.metrics);
         f.finish()
     }
 }

@@ -50,6 +50,9 @@ struct Waiting<S, Request> {
     place: Option<Place>,
     timeout: Option<Pin<Box<Sleep>>>,
     gate: Arc<Gate>,
+    // When the request queued, for the queue wait it publishes.
+    #[cfg(feature = "metrics")]
+    queued_at: Option<Instant>,
 }
 
 impl<S, Request> Waiting<S, Request> {
@@ -63,6 +66,8 @@ impl<S, Request> Waiting<S, Request> {
         Some(Box::new(Waiting {
             service,
             request: Some(request),
+            #[cfg(feature = "metrics")]
+            queued_at: place.is_some().then(Instant::now),
             place,
             timeout,
             gate: Arc::clone(gate),
@@ -203,6 +208,10 @@ where
                     }
                     let place = waiting.place.take().expect("checked above");
                     waiting.timeout = None;
+                    #[cfg(feature = "metrics")]
+                    if let Some(queued_at) = waiting.queued_at {
+                        waiting.gate.publisher.queue_wait(queued_at.elapsed());
+                    }
                     *this.seat = Some(Seat::Seated(place.into_slot()));
                     tracing::trace!(target: "tollgate::concurrency", "admitted from the queue");
                     this.state.set(State::Readying);

@@ -35,6 +35,8 @@ pub struct ConcurrencyGateLayer<L = OneLine> {
     lines: L,
     by_line: bool,
     adaptive: Option<RangeInclusive<usize>>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl ConcurrencyGateLayer {
@@ -55,6 +57,8 @@ impl ConcurrencyGateLayer {
             lines: OneLine,
             by_line: false,
             adaptive: None,
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
     }
 }
@@ -81,6 +85,8 @@ impl<L> ConcurrencyGateLayer<L> {
             lines: key_of,
             by_line: true,
             adaptive: self.adaptive,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics,
         }
     }
 
@@ -116,6 +122,16 @@ impl<L> ConcurrencyGateLayer<L> {
     /// ```
     pub fn adaptive_parallelism(mut self, range: RangeInclusive<usize>) -> Self {
         self.adaptive = Some(range);
+        self
+    }
+
+    /// Publishes the handle's figures and queue waits under `metrics`'
+    /// labels (see [`crate::metrics`]); without this call, under
+    /// [`Metrics::default`](crate::metrics::Metrics).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -176,6 +192,8 @@ impl<L: Clone> ConcurrencyGateLayer<L> {
                 Err(reason) => Gate::new(0, queue_limit, self.by_line).invalid(reason),
             },
         };
+        #[cfg(feature = "metrics")]
+        let gate = gate.publishing(self.metrics.clone().unwrap_or_default());
         Arc::new(gate)
     }
 

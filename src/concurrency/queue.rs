@@ -44,6 +44,9 @@ pub(crate) struct Gate {
     adaptive: Option<Adaptive>,
     // Why a gate with parallelism 0 refuses every request.
     closed_because: &'static str,
+    // Where its figures and queue waits are published.
+    #[cfg(feature = "metrics")]
+    pub(crate) publisher: crate::metrics::Publisher,
 }
 
 /// An adaptive gate's learning: the limit, and whether the gate's own
@@ -212,7 +215,16 @@ impl Gate {
             timed_out: AtomicU64::new(0),
             adaptive: None,
             closed_because: "parallelism must be at least 1",
+            #[cfg(feature = "metrics")]
+            publisher: crate::metrics::Publisher::default(),
         }
+    }
+
+    /// This gate publishes under `metrics`' labels.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn publishing(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.publisher = crate::metrics::Publisher::new(metrics);
+        self
     }
 
     /// This (closed) gate refuses every request for `reason`.

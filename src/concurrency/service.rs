@@ -124,6 +124,8 @@ impl<S, L> ConcurrencyGate<S, L> {
     where
         L: LineOf<Request>,
     {
+        #[cfg(feature = "metrics")]
+        self.gate.publisher.sample(&self.gate);
         // The request's line is read only if it has to wait for a slot.
         match self.gate.by_line() {
             false => (request, Gate::admit(&self.gate, 0)),
@@ -155,6 +157,22 @@ impl<S, L> ConcurrencyGate<S, L> {
             &self.gate,
             self.queue_timeout,
         )
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl crate::metrics::Sampled for Gate {
+    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
+        use crate::metrics::{name, Reading};
+        into.extend([
+            Reading::Level(name::GATE_IN_FLIGHT, self.in_flight() as u64),
+            Reading::Level(name::GATE_QUEUED, self.queued() as u64),
+            Reading::Level(name::GATE_LENT, self.lent() as u64),
+            Reading::Level(name::GATE_PARALLELISM, self.parallelism() as u64),
+            Reading::Level(name::GATE_QUEUE_LIMIT, self.queue_limit() as u64),
+            Reading::Count(name::GATE_REFUSED, self.refused.load(Ordering::Relaxed)),
+            Reading::Count(name::GATE_TIMED_OUT, self.timed_out.load(Ordering::Relaxed)),
+        ]);
     }
 }
 

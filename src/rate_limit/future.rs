@@ -63,6 +63,10 @@ struct Waiting<S, B, K: Hash + Eq + Clone> {
     loan: Option<SeatLoan>,
     // The sleep until the bucket's next token, kept for the next wait.
     sleep: Option<Pin<Box<Sleep>>>,
+    // When the request arrived (ns, the buckets' clock), for the token
+    // wait it publishes.
+    #[cfg(feature = "metrics")]
+    arrived: u64,
 }
 
 pin_project! {
@@ -98,6 +102,8 @@ where
                 ticket: None,
                 loan: None,
                 sleep: None,
+                #[cfg(feature = "metrics")]
+                arrived: shared.buckets.as_ref().map_or(0, |buckets| buckets.now()),
             })),
             key,
             sent_at: 0,
@@ -252,6 +258,11 @@ where
                     *this.sent_at = now;
                     *this.fleet_at = into_fleet_at(fleet_at);
                     this.shared.figures.admitted.fetch_add(1, Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    this.shared.publisher.token_wait(
+                        this.key,
+                        Duration::from_nanos(now.saturating_sub(waiting.arrived)),
+                    );
                     let (mut service, request) = waiting
                         .pending
                         .take()

@@ -170,15 +170,25 @@ impl fmt::Debug for ConnectionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Repr::Named(name) => write!(f, "ConnectionKey({name:?})"),
-            Repr::Origin(Some(scheme), authority) => {
-                write!(f, "ConnectionKey({scheme}://{authority})")
-            }
-            Repr::Origin(None, authority) => write!(f, "ConnectionKey({authority})"),
-            Repr::NoAuthority => f.write_str("ConnectionKey(<no authority>)"),
+            _ => write!(f, "ConnectionKey({self})"),
+        }
+    }
+}
+
+/// The origin (`https://crm.example`), lowercase, or the name a
+/// [`ConnectionKey::new`] key was given: what the metrics' `connection`
+/// label shows.
+impl fmt::Display for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Named(name) => f.write_str(name),
+            Repr::Origin(Some(scheme), authority) => write!(f, "{scheme}://{authority}"),
+            Repr::Origin(None, authority) => write!(f, "{authority}"),
+            Repr::NoAuthority => f.write_str("<no authority>"),
             Repr::Inline(origin) => match origin.scheme {
-                InlineScheme::None => write!(f, "ConnectionKey({})", origin.authority()),
-                InlineScheme::Http => write!(f, "ConnectionKey(http://{})", origin.authority()),
-                InlineScheme::Https => write!(f, "ConnectionKey(https://{})", origin.authority()),
+                InlineScheme::None => f.write_str(origin.authority()),
+                InlineScheme::Http => write!(f, "http://{}", origin.authority()),
+                InlineScheme::Https => write!(f, "https://{}", origin.authority()),
             },
         }
     }

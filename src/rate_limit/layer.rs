@@ -32,6 +32,8 @@ pub struct RateLimitLayer<F = ByConnection> {
     learn_from_headers: bool,
     #[cfg(feature = "redis")]
     store: Option<crate::redis::RedisStore>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl RateLimitLayer {
@@ -64,6 +66,8 @@ impl RateLimitLayer {
             learn_from_headers: true,
             #[cfg(feature = "redis")]
             store: None,
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
     }
 }
@@ -82,6 +86,8 @@ impl<F> RateLimitLayer<F> {
             learn_from_headers: self.learn_from_headers,
             #[cfg(feature = "redis")]
             store: self.store,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics,
         }
     }
 
@@ -155,6 +161,16 @@ impl<F> RateLimitLayer<F> {
         self
     }
 
+    /// Publishes the handle's figures, cool-downs, lessons and token
+    /// waits under `metrics`' labels (see [`crate::metrics`]); without
+    /// this call, under [`Metrics::default`](crate::metrics::Metrics).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Keeps each connection's bucket, cool-down and learned pace in a
     /// store the fleet shares, so every process using the same store and
     /// prefix holds a connection to one quota. This process's own buckets
@@ -185,6 +201,8 @@ impl<F> fmt::Debug for RateLimitLayer<F> {
             .field("learn_from_headers", &self.learn_from_headers);
         #[cfg(feature = "redis")]
         f.field("store", &self.store);
+        #[cfg(feature = "metrics")]
+        f.field("metrics", &self.metrics);
         f.finish()
     }
 }
@@ -224,6 +242,11 @@ impl<F: KeyOf + Clone> RateLimitLayer<F> {
             ));
         }
         shared.sampler = sampler;
+        #[cfg(feature = "metrics")]
+        {
+            shared.publisher =
+                crate::metrics::Publisher::new(self.metrics.clone().unwrap_or_default());
+        }
         RateLimit {
             inner,
             key_of: self.key_of.clone(),

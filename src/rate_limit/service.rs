@@ -48,6 +48,8 @@ pub(crate) struct Shared<K> {
     // The adaptive gate outside this rate limiter, which learns its
     // parallelism from the attempts sent here.
     pub(super) sampler: Option<crate::sync::Arc<crate::concurrency::Gate>>,
+    #[cfg(feature = "metrics")]
+    pub(super) publisher: crate::metrics::Publisher,
 }
 
 /// Whether a request may go: the seam between this process's buckets and
@@ -151,6 +153,8 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
             #[cfg(feature = "redis")]
             fleet: None,
             sampler: None,
+            #[cfg(feature = "metrics")]
+            publisher: crate::metrics::Publisher::default(),
         }
     }
 
@@ -383,6 +387,8 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
     ) {
         if !pause.is_zero() {
             self.figures.cool_downs.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            self.publisher.cool_down(key, pause);
             tracing::debug!(
                 target: "tollgate::rate_limit",
                 ?key,
@@ -394,6 +400,8 @@ impl<K: std::hash::Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static> Share
         }
         if let Some(rate) = learned {
             self.figures.rate_cuts.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            self.publisher.rate_cut(key, rate);
             tracing::debug!(
                 target: "tollgate::rate_limit",
                 ?key,
@@ -493,6 +501,8 @@ where
         let (head, body) = request.into_parts();
         let key = self.key_of.key_of(&head);
         let request = Request::from_parts(head, body);
+        #[cfg(feature = "metrics")]
+        self.shared.publisher.sample(&self.shared.figures);
         let shared = Arc::clone(&self.shared);
         if let Some(sent_at) = shared.admit_at_once(&key) {
             let future = self.inner.call(request);
@@ -503,6 +513,35 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::waiting(ready, request, key, shared)
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl crate::metrics::Sampled for super::keyed::Figures {
+    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
+        use crate::metrics::{name, Reading};
+        into.extend([
+            Reading::Level(
+                name::RATE_LIMIT_KEYS,
+                self.keys.load(Ordering::Relaxed) as u64,
+            ),
+            Reading::Level(
+                name::RATE_LIMIT_WAITING,
+                self.waiting.load(Ordering::Relaxed) as u64,
+            ),
+            Reading::Count(
+                name::RATE_LIMIT_ADMITTED,
+                self.admitted.load(Ordering::Relaxed),
+            ),
+            Reading::Count(
+                name::RATE_LIMIT_FALLBACKS,
+                self.fallbacks.load(Ordering::Relaxed),
+            ),
+            Reading::Count(
+                name::RATE_LIMIT_EVICTED_ACTIVE,
+                self.evicted_active.load(Ordering::Relaxed),
+            ),
+        ]);
     }
 }
 

@@ -134,6 +134,22 @@ enum Stop {
     BudgetSpent,
 }
 
+impl Stop {
+    /// The `reason` label of a retryable outcome returned (an outcome not
+    /// retryable at all is the usual end, and not counted).
+    #[cfg(feature = "metrics")]
+    fn gave_up(self) -> Option<&'static str> {
+        Some(match self {
+            Stop::NotRetryable => return None,
+            Stop::NotReplayable => "not_replayable",
+            Stop::RetriesSpent => "retries_spent",
+            Stop::RetryAfterTooLong => "retry_after_too_long",
+            Stop::PastDeadline => "past_deadline",
+            Stop::BudgetSpent => "budget_spent",
+        })
+    }
+}
+
 impl<S, B, R, C> Future for ResponseFuture<S, B, C>
 where
     S: Service<Request<B>, Response = Response<R>>,
@@ -183,10 +199,22 @@ where
                         Ok(delays) => delays,
                         Err(reason) => {
                             tracing::debug!(target: "tollgate::retry", attempt = *this.attempt, ?reason, "returning the outcome");
+                            #[cfg(feature = "metrics")]
+                            if let Some(reason) = reason.gave_up() {
+                                this.shared.publisher.gave_up(reason);
+                            }
                             return Poll::Ready(result);
                         }
                     };
                     *this.attempt += 1;
+                    #[cfg(feature = "metrics")]
+                    this.shared.publisher.retry(
+                        match &outcome {
+                            Outcome::Response { status, .. } => status.as_str().to_owned().into(),
+                            Outcome::Error(_) => "error".into(),
+                        },
+                        delay,
+                    );
                     match &outcome {
                         Outcome::Response { status, .. } => tracing::debug!(
                             target: "tollgate::retry",

@@ -29,6 +29,8 @@ pub struct RetryLayer<C = DefaultClassify> {
     pub(super) retry_after_alone: bool,
     pub(super) budget: Option<RetryBudget>,
     pub(super) classify: C,
+    #[cfg(feature = "metrics")]
+    pub(super) metrics: Option<crate::metrics::Metrics>,
 }
 
 impl RetryLayer {
@@ -51,6 +53,8 @@ impl RetryLayer {
             retry_after_alone: false,
             budget: None,
             classify: DefaultClassify::new(),
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
     }
 
@@ -133,7 +137,20 @@ impl<C> RetryLayer<C> {
             retry_after_alone: self.retry_after_alone,
             budget: self.budget,
             classify,
+            #[cfg(feature = "metrics")]
+            metrics: self.metrics,
         }
+    }
+
+    /// Publishes retries by reason, give-ups by reason and the delays
+    /// before retries under `metrics`' labels (see [`crate::metrics`]);
+    /// without this call, under
+    /// [`Metrics::default`](crate::metrics::Metrics).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The retry schedule.
@@ -144,14 +161,16 @@ impl<C> RetryLayer<C> {
 
 impl<C> fmt::Debug for RetryLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryLayer")
-            .field("backoff", &self.backoff)
+        let mut f = f.debug_struct("RetryLayer");
+        f.field("backoff", &self.backoff)
             .field("max_retry_after", &self.max_retry_after)
             .field("deadline", &self.deadline)
             .field("retry_after_alone", &self.retry_after_alone)
             .field("budget", &self.budget)
-            .field("classify", &std::any::type_name::<C>())
-            .finish()
+            .field("classify", &std::any::type_name::<C>());
+        #[cfg(feature = "metrics")]
+        f.field("metrics", &self.metrics);
+        f.finish()
     }
 }
 
@@ -166,6 +185,8 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
                 requests: AtomicU64::new(0),
                 unseeded_key: random_u64(),
                 budget: self.budget.as_ref().map(Ledger::new),
+                #[cfg(feature = "metrics")]
+                publisher: crate::metrics::Publisher::new(self.metrics.clone().unwrap_or_default()),
             }),
         }
     }

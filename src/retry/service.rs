@@ -30,6 +30,8 @@ pub(super) struct Shared<C> {
     pub(super) unseeded_key: u64,
     /// The first tries and retries the budget counts, if one is set.
     pub(super) budget: Option<Ledger>,
+    #[cfg(feature = "metrics")]
+    pub(super) publisher: crate::metrics::Publisher,
 }
 
 impl<S, C> Retry<S, C> {
