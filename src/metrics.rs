@@ -10,7 +10,8 @@
 //! show is read every [`sample_every`](Metrics::sample_every) (one second)
 //! by a task each layer starts on its first request, and published as what
 //! changed since the last reading: the requests themselves do no more
-//! work than without the feature. Events (a retry, a cool-down, a wait
+//! work than without the feature (one load of a flag, to know the task
+//! runs). Events (a retry, a cool-down, a wait
 //! that ended) are published as they happen, on paths that have already
 //! waited. Without the feature none of this is compiled.
 //!
@@ -50,7 +51,9 @@
 //! request is recorded, its time including the store's round trip.
 //!
 //! Stacks that publish under the same labels add up: their gauges and
-//! counters are sums. A layer dropped takes its gauges' share back out.
+//! counters are sums. A layer dropped (every service, future and handle
+//! of it) publishes its last counts at the next reading and takes its
+//! gauges' share back out.
 //!
 //! ```
 //! use std::time::Duration;
@@ -74,7 +77,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::metrics::{Label, SharedString};
@@ -265,7 +268,7 @@ impl Publisher {
             return;
         }
         describe();
-        runtime.spawn(sample(Arc::downgrade(source), Arc::clone(&self.config)));
+        runtime.spawn(sample(Arc::clone(source), Arc::clone(&self.config)));
     }
 
     /// The labels, with `connection` for `key` if asked for.
@@ -330,22 +333,24 @@ impl Publisher {
 }
 
 /// The sampling task: reads `source` every `config.sample_every` and
-/// publishes what changed, until the layer is dropped; then takes its
+/// publishes what changed, until the layer (every service, future and
+/// handle of it) is gone; then publishes the last counts and takes its
 /// gauges' share back out.
-async fn sample<T: Sampled>(source: Weak<T>, config: Arc<Metrics>) {
+async fn sample<T: Sampled>(source: Arc<T>, config: Arc<Metrics>) {
     let mut ticks = tokio::time::interval(config.sample_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut before = Vec::new();
     loop {
         ticks.tick().await;
-        let Some(source) = source.upgrade() else {
-            break;
-        };
+        // Only this task holds the figures now: none can change again.
+        let last = Arc::strong_count(&source) == 1;
         let mut now = Vec::with_capacity(before.len());
         source.read(&mut now);
-        drop(source);
         publish(&changes(&before, &now), &config.labels);
         before = now;
+        if last {
+            break;
+        }
     }
     let retract: Vec<_> = before
         .iter()

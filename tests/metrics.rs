@@ -14,7 +14,7 @@ use http::Request;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tollgate::metrics::Metrics;
 use tollgate::testing::{Reply, Script};
-use tollgate::{Backoff, ConcurrencyGateLayer, Quota, RetryLayer, Tollgate};
+use tollgate::{Backoff, ConcurrencyGateLayer, Quota, RateLimitLayer, RetryLayer, Tollgate};
 use tower::{Layer, Service, ServiceExt};
 
 fn recorder() -> &'static PrometheusHandle {
@@ -221,6 +221,30 @@ async fn a_dropped_gate_takes_its_gauges_back() {
         drop(second);
         sampled().await;
         assert_eq!(read("tollgate_gate_parallelism", labels), 0.0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_rate_limiter_publishes_its_last_counts() {
+    watchdog(secs(600), async {
+        recorder();
+        let labels = r#"test="last-counts""#;
+        let client = RateLimitLayer::per_connection(Quota::per_second(100))
+            .metrics(Metrics::new().label("test", "last-counts"))
+            .layer(Script::new().service());
+        for lead in 0..3 {
+            client
+                .clone()
+                .oneshot(post("a.example", lead))
+                .await
+                .unwrap();
+        }
+        // Gone before its sampling task took a single reading.
+        drop(client);
+        sampled().await;
+        assert_eq!(read("tollgate_rate_limit_admitted_total", labels), 3.0);
+        assert_eq!(read("tollgate_rate_limit_keys", labels), 0.0);
     })
     .await;
 }
