@@ -4,7 +4,8 @@
 //! two worker threads).
 //!
 //! ```text
-//! cargo bench --bench layers
+//! cargo bench --bench layers                       # feature `metrics` off
+//! cargo bench --bench layers --features metrics    # on, a Prometheus recorder installed
 //! ```
 //!
 //! Every row sends the same `http::Request` (built once per call, in every
@@ -205,8 +206,11 @@ fn yielding_service() -> impl Service<
 }
 
 fn gate_contended(c: &mut Criterion) {
+    // Timers on, as in `#[tokio::main]`: feature `metrics` reads figures
+    // on a timer.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .enable_time()
         .build()
         .unwrap();
     let mut group = c.benchmark_group("ConcurrencyGate, 64 tasks on 8 slots (per request)");
@@ -254,6 +258,12 @@ fn current_thread() -> Runtime {
 }
 
 fn benches(c: &mut Criterion) {
+    // With feature `metrics` (issue 17), every row publishes into a real
+    // Prometheus recorder, as a user watching production would.
+    #[cfg(feature = "metrics")]
+    let _scrape = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("the bench's only recorder");
     rate_limit(c, 1);
     rate_limit(c, 1_024);
     gate_uncontended(c);

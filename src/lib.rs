@@ -27,6 +27,9 @@
 //! - `redis` (feature `redis`): each connection's bucket, cool-down and
 //!   learned pace shared by a fleet of processes through Redis, so N
 //!   workers hold a connection to one quota.
+//! - `metrics` (feature `metrics`): the handles' figures, retries by
+//!   reason and the time requests wait, published through the `metrics`
+//!   facade for a Prometheus or OpenTelemetry exporter.
 //! - [`testing`]: a scripted mock server that records when each attempt
 //!   arrived, to unit-test a backoff in virtual time.
 //!
@@ -71,6 +74,7 @@
 //! | a batch of a million requests, none refused for a full queue | [`ConcurrencyGate::send_all`] |
 //! | all of it, with defaults from Power Automate | [`Tollgate::builder`] |
 //! | many processes (pods, workers) share one server's quota | `redis::RedisStore` (feature `redis`) given to `.store(..)` |
+//! | queue, tokens, cool-downs and retries on a dashboard | feature `metrics`: the `metrics` module |
 //!
 //! # The default stack
 //!
@@ -182,7 +186,8 @@ pub use rate_limit::{ConnectionKey, Quota, RateLimit, RateLimitLayer};
 pub use retry::{retry_after, Backoff, Jitter, Retry, RetryBudget, RetryLayer};
 
 /// The README's examples, compiled and run as doctests (with features
-/// `reqwest` and `redis`, which two of them use; CI runs all features).
-#[cfg(all(doctest, feature = "reqwest", feature = "redis"))]
+/// `reqwest`, `redis` and `metrics`, which three of them use; CI runs all
+/// features).
+#[cfg(all(doctest, feature = "reqwest", feature = "redis", feature = "metrics"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -4,7 +4,11 @@
 //!
 //! With the feature on, every layer publishes without code of yours:
 //! install a recorder (an exporter) before the first request and the names
-//! below appear. What the handles
+//! below appear. The figures are read on a tokio timer, so the runtime
+//! needs its timers on (`#[tokio::main]` has them; a runtime built by hand,
+//! `enable_time()`), as the layers' own waits do; without them, the task
+//! that reads them panics once as it starts (tokio reports it, and the
+//! requests go on), and the layer publishes its events only. What the handles
 //! ([`RateLimitHandle`](crate::rate_limit::RateLimitHandle),
 //! [`ConcurrencyGateHandle`](crate::concurrency::ConcurrencyGateHandle))
 //! show is read every [`sample_every`](Metrics::sample_every) (one second)
@@ -237,14 +241,15 @@ pub(crate) enum Change {
 #[derive(Debug, Default)]
 pub(crate) struct Publisher {
     config: Arc<Metrics>,
-    sampling: AtomicBool,
+    // Whether a sampling task runs (or failed to: see `Sampler`'s drop).
+    sampling: Arc<AtomicBool>,
 }
 
 impl Publisher {
     pub(crate) fn new(config: Metrics) -> Self {
         Publisher {
             config: Arc::new(config),
-            sampling: AtomicBool::new(false),
+            sampling: Arc::default(),
         }
     }
 
@@ -268,7 +273,12 @@ impl Publisher {
             return;
         }
         describe();
-        runtime.spawn(sample(Arc::clone(source), Arc::clone(&self.config)));
+        let sampler = Sampler {
+            config: Arc::clone(&self.config),
+            published: Vec::new(),
+            sampling: Arc::clone(&self.sampling),
+        };
+        runtime.spawn(sample(Arc::clone(source), sampler));
     }
 
     /// The labels, with `connection` for `key` if asked for.
@@ -334,32 +344,57 @@ impl Publisher {
 
 /// The sampling task: reads `source` every `config.sample_every` and
 /// publishes what changed, until the layer (every service, future and
-/// handle of it) is gone; then publishes the last counts and takes its
-/// gauges' share back out.
-async fn sample<T: Sampled>(source: Arc<T>, config: Arc<Metrics>) {
-    let mut ticks = tokio::time::interval(config.sample_every);
+/// handle of it) is gone: then it publishes the last counts, and the
+/// sampler, dropped, takes its gauges' share back out.
+async fn sample<T: Sampled>(source: Arc<T>, mut sampler: Sampler) {
+    let mut ticks = tokio::time::interval(sampler.config.sample_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut before = Vec::new();
     loop {
         ticks.tick().await;
         // Only this task holds the figures now: none can change again.
         let last = Arc::strong_count(&source) == 1;
-        let mut now = Vec::with_capacity(before.len());
-        source.read(&mut now);
-        publish(&changes(&before, &now), &config.labels);
-        before = now;
+        sampler.read(&*source);
         if last {
             break;
         }
     }
-    let retract: Vec<_> = before
-        .iter()
-        .filter_map(|reading| match *reading {
-            Reading::Level(name, value) => Some(Change::Level(name, -(value as f64))),
-            Reading::Count(..) => None,
-        })
-        .collect();
-    publish(&retract, &config.labels);
+}
+
+/// What a sampling task has published.
+struct Sampler {
+    config: Arc<Metrics>,
+    published: Vec<Reading>,
+    sampling: Arc<AtomicBool>,
+}
+
+impl Sampler {
+    fn read<T: Sampled>(&mut self, source: &T) {
+        let mut now = Vec::with_capacity(self.published.len());
+        source.read(&mut now);
+        publish(&changes(&self.published, &now), &self.config.labels);
+        self.published = now;
+    }
+}
+
+/// However the task ends (its layer gone, or its runtime shut down), its
+/// gauges' share goes back out, and the layer's next request may start
+/// another; unless it panicked (a runtime without timers), which the next
+/// would too.
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        let retract: Vec<_> = self
+            .published
+            .iter()
+            .filter_map(|reading| match *reading {
+                Reading::Level(name, value) => Some(Change::Level(name, -(value as f64))),
+                Reading::Count(..) => None,
+            })
+            .collect();
+        publish(&retract, &self.config.labels);
+        if !std::thread::panicking() {
+            self.sampling.store(false, Ordering::Relaxed);
+        }
+    }
 }
 
 fn publish(changes: &[Change], labels: &[Label]) {

@@ -225,6 +225,39 @@ async fn a_dropped_gate_takes_its_gauges_back() {
     .await;
 }
 
+/// A client kept across runtimes (a static, say): the runtime that ran its
+/// sampling task shuts down, the next request starts another on the next.
+#[test]
+fn a_layer_outliving_its_runtime_samples_again_on_the_next_without_counting_twice() {
+    recorder();
+    let labels = r#"test="runtimes""#;
+    let gate = ConcurrencyGateLayer::new(3)
+        .metrics(Metrics::new().label("test", "runtimes"))
+        .layer(Script::new().service());
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    first.block_on(async {
+        gate.clone().oneshot(post("a.example", 1)).await.unwrap();
+        sampled().await;
+    });
+    assert_eq!(read("tollgate_gate_parallelism", labels), 3.0);
+    // Its task is dropped with it: its share of the gauges goes back out.
+    drop(first);
+    assert_eq!(read("tollgate_gate_parallelism", labels), 0.0);
+    let second = runtime();
+    second.block_on(async {
+        gate.clone().oneshot(post("a.example", 2)).await.unwrap();
+        sampled().await;
+    });
+    assert_eq!(read("tollgate_gate_parallelism", labels), 3.0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dropped_rate_limiter_publishes_its_last_counts() {
     watchdog(secs(600), async {
