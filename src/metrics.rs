@@ -81,10 +81,10 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ::metrics::{Label, SharedString};
+use ::metrics::{Histogram, Label, SharedString};
 
 use crate::rate_limit::ConnectionKey;
 
@@ -243,13 +243,20 @@ pub(crate) struct Publisher {
     config: Arc<Metrics>,
     // Whether a sampling task runs (or failed to: see `Sampler`'s drop).
     sampling: Arc<AtomicBool>,
+    // The histograms a busy waiting path records into, registered on
+    // first use: a registry lookup (hashing the name and labels, a lock)
+    // once, not per request; with two threads queueing, 380 ns a queued
+    // request (BENCHMARKS.md).
+    queue_wait: OnceLock<Histogram>,
+    token_wait: OnceLock<Histogram>,
+    retry_delay: OnceLock<Histogram>,
 }
 
 impl Publisher {
     pub(crate) fn new(config: Metrics) -> Self {
         Publisher {
             config: Arc::new(config),
-            sampling: Arc::default(),
+            ..Publisher::default()
         }
     }
 
@@ -318,21 +325,38 @@ impl Publisher {
         }
     }
 
+    /// The histogram `name` under this layer's labels, registered once.
+    fn registered<'a>(
+        &self,
+        histogram: &'a OnceLock<Histogram>,
+        name: &'static str,
+    ) -> &'a Histogram {
+        histogram.get_or_init(|| ::metrics::histogram!(name, self.config.labels.iter()))
+    }
+
     /// A request on `key` that got its token `waited` after it arrived.
     pub(crate) fn token_wait<K: fmt::Debug + 'static>(&self, key: &K, waited: Duration) {
-        ::metrics::histogram!(name::RATE_LIMIT_TOKEN_WAIT, self.labels(Some(key))).record(waited);
+        if self.config.per_connection {
+            let labels = self.labels(Some(key));
+            ::metrics::histogram!(name::RATE_LIMIT_TOKEN_WAIT, labels).record(waited);
+        } else {
+            self.registered(&self.token_wait, name::RATE_LIMIT_TOKEN_WAIT)
+                .record(waited);
+        }
     }
 
     /// A request handed a slot `waited` after it queued.
     pub(crate) fn queue_wait(&self, waited: Duration) {
-        ::metrics::histogram!(name::GATE_QUEUE_WAIT, self.labels::<()>(None)).record(waited);
+        self.registered(&self.queue_wait, name::GATE_QUEUE_WAIT)
+            .record(waited);
     }
 
     /// A retry of `reason` (a status code, or `"error"`), after `delay`.
     pub(crate) fn retry(&self, reason: SharedString, delay: Duration) {
         let labels = self.labels_with(Label::new("reason", reason));
         ::metrics::counter!(name::RETRY_RETRIES, labels).increment(1);
-        ::metrics::histogram!(name::RETRY_DELAY, self.labels::<()>(None)).record(delay);
+        self.registered(&self.retry_delay, name::RETRY_DELAY)
+            .record(delay);
     }
 
     /// A retryable outcome returned for `reason`.
