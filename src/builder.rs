@@ -104,7 +104,7 @@ pub struct TollgateBuilder<F = ByConnection> {
     #[cfg(feature = "redis")]
     store: Option<crate::redis::RedisStore>,
     #[cfg(feature = "metrics")]
-    metrics: Option<crate::metrics::Metrics>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// The layers of the [`Tollgate`] stack as one `tower::Layer`, made by
@@ -151,7 +151,7 @@ impl TollgateBuilder {
             #[cfg(feature = "redis")]
             store: None,
             #[cfg(feature = "metrics")]
-            metrics: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }
@@ -316,7 +316,7 @@ impl<F> TollgateBuilder<F> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         self
     }
 
@@ -374,14 +374,11 @@ impl<F> TollgateBuilder<F> {
             None => rate_limit,
         };
         #[cfg(feature = "metrics")]
-        let (gate, retry, rate_limit) = match self.metrics {
-            Some(metrics) => (
-                gate.metrics(metrics.clone()),
-                retry.metrics(metrics.clone()),
-                rate_limit.metrics(metrics),
-            ),
-            None => (gate, retry, rate_limit),
-        };
+        let (gate, retry, rate_limit) = (
+            gate.metrics(self.metrics.clone()),
+            retry.metrics(self.metrics.clone()),
+            rate_limit.metrics(self.metrics),
+        );
         // The gate's lines are the rate limiter's connections.
         let gate = gate.share_by(self.key_of.clone());
         let rate_limit = rate_limit.key_by(self.key_of);

@@ -4,60 +4,72 @@
 //!
 //! With the feature on, every layer publishes without code of yours:
 //! install a recorder (an exporter) before the first request and the names
-//! below appear. The figures are read on a tokio timer, so the runtime
-//! needs its timers on (`#[tokio::main]` has them; a runtime built by hand,
-//! `enable_time()`), as the layers' own waits do; without them, the task
-//! that reads them panics once as it starts (tokio reports it, and the
-//! requests go on), and the layer publishes its events only. What the handles
+//! below appear. What the handles
 //! ([`RateLimitHandle`](crate::rate_limit::RateLimitHandle),
 //! [`ConcurrencyGateHandle`](crate::concurrency::ConcurrencyGateHandle))
 //! show is read every [`sample_every`](Metrics::sample_every) (one second)
 //! by a task each layer starts on its first request, and published as what
-//! changed since the last reading: the requests themselves do no more
-//! work than without the feature (one load of a flag, to know the task
-//! runs). Events (a retry, a cool-down, a wait
-//! that ended) are published as they happen, on paths that have already
-//! waited. Without the feature none of this is compiled.
+//! changed since the last reading. So a request that goes at once does one
+//! load of a flag more than without the feature (to know the task runs); a
+//! request that waits (for a slot, a token) also reads the clock when it
+//! starts to, and records its wait when it ends. Events (a retry, a
+//! cool-down) are published as they happen. Without the feature none of
+//! this is compiled.
+//!
+//! The task reads on a tokio timer, so the runtime needs its timers on
+//! (`#[tokio::main]` has them; a runtime built by hand, `enable_time()`),
+//! as the layers' own waits do. Without them it panics as it starts, once
+//! per layer (tokio reports it; with `panic = "abort"`, that ends the
+//! process), and the layer publishes its events only.
 //!
 //! | name | type | published | what |
 //! |---|---|---|---|
 //! | `tollgate_rate_limit_keys` | gauge | sampled | connections (keys) tracked |
 //! | `tollgate_rate_limit_waiting` | gauge | sampled | requests waiting for a token |
-//! | `tollgate_rate_limit_admitted_total` | counter | sampled | tokens spent: requests let through |
+//! | `tollgate_rate_limit_admitted_total` | counter | sampled | tokens spent: attempts let through |
 //! | `tollgate_rate_limit_fallbacks_total` | counter | sampled | decisions made locally because the fleet's store failed |
 //! | `tollgate_rate_limit_evicted_active_total` | counter | sampled | keys evicted while their bucket was still in use |
 //! | `tollgate_rate_limit_cool_downs_total` | counter | event, `connection`¹ | cool-downs applied (a 429/503 with `Retry-After`, or a published reset) |
 //! | `tollgate_rate_limit_cool_down_seconds` | histogram | event, `connection`¹ | the pause each cool-down applied |
-//! | `tollgate_rate_limit_rate_cuts_total` | counter | event, `connection`¹ | paces learned or cut from a 429 |
-//! | `tollgate_rate_limit_pace` | gauge | event, `connection`¹ only | requests a second the last lesson set |
-//! | `tollgate_rate_limit_token_wait_seconds` | histogram | event, `connection`¹ | arrival to token, for each request not sent at once² |
+//! | `tollgate_rate_limit_rate_cuts_total` | counter | event, `connection`¹ | paces learned or cut from a throttling answer (429, or 503 with `Retry-After`) |
+//! | `tollgate_rate_limit_pace` | gauge | event, `connection`¹ only | requests a second the connection's last such lesson set (set, not summed: the last stack to learn wins) |
+//! | `tollgate_rate_limit_token_wait_seconds` | histogram | event, `connection`¹ | arrival to token, for each attempt not sent at once² |
 //! | `tollgate_gate_in_flight` | gauge | sampled | requests holding a slot |
-//! | `tollgate_gate_queued` | gauge | sampled | requests waiting for a slot |
+//! | `tollgate_gate_queued` | gauge | sampled | requests waiting for a slot (or taking a lent one back) |
 //! | `tollgate_gate_lent` | gauge | sampled | admitted requests waiting for a token, their slot lent |
 //! | `tollgate_gate_parallelism` | gauge | sampled | the parallelism (learned, if adaptive) |
 //! | `tollgate_gate_queue_limit` | gauge | sampled | how many may wait |
 //! | `tollgate_gate_refused_total` | counter | sampled | refused: the queue was full |
 //! | `tollgate_gate_timed_out_total` | counter | sampled | gave up after `queue_timeout` |
-//! | `tollgate_gate_queue_wait_seconds` | histogram | event | time each request that queued waited for its slot |
-//! | `tollgate_retry_retries_total` | counter | event, `reason` | retries, by what was retried: the status (`"429"`, `"503"`, ...) or `"error"` |
+//! | `tollgate_gate_queue_wait_seconds` | histogram | event | time each request handed its slot from the queue waited (not those that timed out or were dropped) |
+//! | `tollgate_retry_retries_total` | counter | event, `reason` | retries scheduled, by what is retried: the status (`"429"`, `"503"`, ...) or `"error"` |
 //! | `tollgate_retry_gave_up_total` | counter | event, `reason` | retryable outcomes returned instead: `retries_spent`, `retry_after_too_long`, `past_deadline`, `budget_spent`, `not_replayable` |
-//! | `tollgate_retry_delay_seconds` | histogram | event | the wait before each retry |
+//! | `tollgate_retry_delay_seconds` | histogram | event | the wait before each retry scheduled |
 //!
 //! Every series carries the labels given with [`Metrics::label`] (none by
 //! default). ¹ With [`per_connection`](Metrics::per_connection), these
 //! also carry `connection`: the key's `Display` for a
-//! [`ConnectionKey`] (`https://crm.example`), its
-//! `Debug` for a key of your own. Off by default, because keys are
-//! unbounded: each is a series in the exporter for as long as the process
-//! lives. ² Requests that go at once (their connection's token there,
-//! nobody waiting) are not recorded: `admitted_total` less this
-//! histogram's count is how many went at once; with a fleet store every
-//! request is recorded, its time including the store's round trip.
+//! [`ConnectionKey`] (`https://crm.example`), its `Debug` for a key of
+//! your own. Off by default, because keys are unbounded: each is a series
+//! in the exporter for as long as the process lives (an evicted key's
+//! too); and each waiting attempt then pays a lookup in the recorder's
+//! registry and its label's string. ² Attempts that go at once (their
+//! connection's token there, nobody waiting) are not recorded:
+//! `admitted_total` less this histogram's count is how many went at once;
+//! with a fleet store every attempt is recorded, its time including the
+//! store's round trip.
 //!
 //! Stacks that publish under the same labels add up: their gauges and
 //! counters are sums. A layer dropped (every service, future and handle
 //! of it) publishes its last counts at the next reading and takes its
-//! gauges' share back out.
+//! gauges' share back out; a layer kept while the runtime that ran its
+//! task shuts down takes its gauges' share back out too, and goes on
+//! from its counts on the next runtime. Every reading publishes every
+//! figure, changed or not, so an exporter that drops idle series
+//! (metrics-exporter-prometheus's `idle_timeout`) keeps them. A recorder
+//! installed after the first request sees gauges and counts from then on
+//! only (as what changed, so not the levels before) and no waits; install
+//! it first.
 //!
 //! ```
 //! use std::time::Duration;
@@ -81,7 +93,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use ::metrics::{Histogram, Label, SharedString};
@@ -101,11 +113,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            labels: Vec::new(),
-            per_connection: false,
-            sample_every: Self::DEFAULT_SAMPLE_EVERY,
-        }
+        Self::new()
     }
 }
 
@@ -117,8 +125,12 @@ impl Metrics {
     pub const DEFAULT_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
     /// The default: see [`Metrics`].
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Metrics {
+            labels: Vec::new(),
+            per_connection: false,
+            sample_every: Self::DEFAULT_SAMPLE_EVERY,
+        }
     }
 
     /// Adds a label to every series this layer (or stack) publishes, e.g.
@@ -206,23 +218,19 @@ pub(crate) trait Sampled: Send + Sync + 'static {
 
 /// What to publish, given the readings before and now: a gauge moves by
 /// its difference, a counter grows by its (a count that went down, which
-/// a handle's never does, publishes nothing).
+/// a handle's never does, adds nothing). Every figure is published, changed
+/// or not, so that an exporter dropping idle series keeps it.
 pub(crate) fn changes(before: &[Reading], now: &[Reading]) -> Vec<Change> {
     now.iter()
         .enumerate()
-        .filter_map(|(at, reading)| {
+        .map(|(at, reading)| {
             let was = before
                 .get(at)
                 .filter(|was| was.name() == reading.name())
                 .map_or(0, |was| was.value());
             match *reading {
-                Reading::Level(name, value) if value != was => {
-                    Some(Change::Level(name, value as f64 - was as f64))
-                }
-                Reading::Count(name, value) if value > was => {
-                    Some(Change::Count(name, value - was))
-                }
-                _ => None,
+                Reading::Level(name, value) => Change::Level(name, value as f64 - was as f64),
+                Reading::Count(name, value) => Change::Count(name, value.saturating_sub(was)),
             }
         })
         .collect()
@@ -241,8 +249,12 @@ pub(crate) enum Change {
 #[derive(Debug, Default)]
 pub(crate) struct Publisher {
     config: Arc<Metrics>,
-    // Whether a sampling task runs (or failed to: see `Sampler`'s drop).
+    // Whether a sampling task runs (or failed to start: see `Sampler`'s
+    // drop).
     sampling: Arc<AtomicBool>,
+    // What the sampling tasks have published so far: the next task, on
+    // another runtime, goes on from its counts.
+    published: Arc<Mutex<Vec<Reading>>>,
     // The histograms a busy waiting path records into, registered on
     // first use: a registry lookup (hashing the name and labels, a lock)
     // once, not per request; with two threads queueing, 380 ns a queued
@@ -282,47 +294,31 @@ impl Publisher {
         describe();
         let sampler = Sampler {
             config: Arc::clone(&self.config),
-            published: Vec::new(),
+            published: Arc::clone(&self.published),
             sampling: Arc::clone(&self.sampling),
+            started: false,
         };
         runtime.spawn(sample(Arc::clone(source), sampler));
     }
 
-    /// The labels, with `connection` for `key` if asked for.
-    fn labels<K: fmt::Debug + 'static>(&self, key: Option<&K>) -> Vec<Label> {
+    /// This layer's labels, and `extra`.
+    fn labels(&self, extra: Option<Label>) -> Vec<Label> {
         let mut labels = self.config.labels.clone();
-        if let Some(key) = key.filter(|_| self.config.per_connection) {
-            let any: &dyn std::any::Any = key;
-            let connection = match any.downcast_ref::<ConnectionKey>() {
-                Some(key) => key.to_string(),
-                None => format!("{key:?}"),
-            };
-            labels.push(Label::new("connection", connection));
-        }
+        labels.extend(extra);
         labels
     }
 
-    /// The labels, with `extra`.
-    fn labels_with(&self, extra: Label) -> Vec<Label> {
-        let mut labels = self.config.labels.clone();
-        labels.push(extra);
-        labels
-    }
-
-    /// A cool-down of `pause` applied to `key`.
-    pub(crate) fn cool_down<K: fmt::Debug + 'static>(&self, key: &K, pause: Duration) {
-        let labels = self.labels(Some(key));
-        ::metrics::counter!(name::RATE_LIMIT_COOL_DOWNS, labels.iter()).increment(1);
-        ::metrics::histogram!(name::RATE_LIMIT_COOL_DOWN_SECONDS, labels).record(pause);
-    }
-
-    /// A pace of `rate` requests a second learned for `key`.
-    pub(crate) fn rate_cut<K: fmt::Debug + 'static>(&self, key: &K, rate: f64) {
-        let labels = self.labels(Some(key));
-        ::metrics::counter!(name::RATE_LIMIT_RATE_CUTS, labels.iter()).increment(1);
-        if self.config.per_connection {
-            ::metrics::gauge!(name::RATE_LIMIT_PACE, labels).set(rate);
+    /// The `connection` label of `key`, if asked for.
+    fn connection<K: fmt::Debug + 'static>(&self, key: &K) -> Option<Label> {
+        if !self.config.per_connection {
+            return None;
         }
+        let any: &dyn std::any::Any = key;
+        let connection = match any.downcast_ref::<ConnectionKey>() {
+            Some(key) => key.to_string(),
+            None => format!("{key:?}"),
+        };
+        Some(Label::new("connection", connection))
     }
 
     /// The histogram `name` under this layer's labels, registered once.
@@ -331,13 +327,34 @@ impl Publisher {
         histogram: &'a OnceLock<Histogram>,
         name: &'static str,
     ) -> &'a Histogram {
-        histogram.get_or_init(|| ::metrics::histogram!(name, self.config.labels.iter()))
+        histogram.get_or_init(|| {
+            describe();
+            ::metrics::histogram!(name, self.config.labels.iter())
+        })
+    }
+
+    /// A cool-down of `pause` applied to `key`.
+    pub(crate) fn cool_down<K: fmt::Debug + 'static>(&self, key: &K, pause: Duration) {
+        describe();
+        let labels = self.labels(self.connection(key));
+        ::metrics::counter!(name::RATE_LIMIT_COOL_DOWNS, labels.iter()).increment(1);
+        ::metrics::histogram!(name::RATE_LIMIT_COOL_DOWN_SECONDS, labels).record(pause);
+    }
+
+    /// A pace of `rate` requests a second learned for `key`.
+    pub(crate) fn rate_cut<K: fmt::Debug + 'static>(&self, key: &K, rate: f64) {
+        describe();
+        let labels = self.labels(self.connection(key));
+        ::metrics::counter!(name::RATE_LIMIT_RATE_CUTS, labels.iter()).increment(1);
+        if self.config.per_connection {
+            ::metrics::gauge!(name::RATE_LIMIT_PACE, labels).set(rate);
+        }
     }
 
     /// A request on `key` that got its token `waited` after it arrived.
     pub(crate) fn token_wait<K: fmt::Debug + 'static>(&self, key: &K, waited: Duration) {
-        if self.config.per_connection {
-            let labels = self.labels(Some(key));
+        if let Some(connection) = self.connection(key) {
+            let labels = self.labels(Some(connection));
             ::metrics::histogram!(name::RATE_LIMIT_TOKEN_WAIT, labels).record(waited);
         } else {
             self.registered(&self.token_wait, name::RATE_LIMIT_TOKEN_WAIT)
@@ -353,7 +370,8 @@ impl Publisher {
 
     /// A retry of `reason` (a status code, or `"error"`), after `delay`.
     pub(crate) fn retry(&self, reason: SharedString, delay: Duration) {
-        let labels = self.labels_with(Label::new("reason", reason));
+        describe();
+        let labels = self.labels(Some(Label::new("reason", reason)));
         ::metrics::counter!(name::RETRY_RETRIES, labels).increment(1);
         self.registered(&self.retry_delay, name::RETRY_DELAY)
             .record(delay);
@@ -361,7 +379,8 @@ impl Publisher {
 
     /// A retryable outcome returned for `reason`.
     pub(crate) fn gave_up(&self, reason: &'static str) {
-        let labels = self.labels_with(Label::new("reason", reason));
+        describe();
+        let labels = self.labels(Some(Label::new("reason", reason)));
         ::metrics::counter!(name::RETRY_GAVE_UP, labels).increment(1);
     }
 }
@@ -373,10 +392,15 @@ impl Publisher {
 async fn sample<T: Sampled>(source: Arc<T>, mut sampler: Sampler) {
     let mut ticks = tokio::time::interval(sampler.config.sample_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sampler.started = true;
     loop {
         ticks.tick().await;
         // Only this task holds the figures now: none can change again.
         let last = Arc::strong_count(&source) == 1;
+        if last {
+            // What the last holder wrote before it let go is visible.
+            std::sync::atomic::fence(Ordering::Acquire);
+        }
         sampler.read(&*source);
         if last {
             break;
@@ -384,41 +408,51 @@ async fn sample<T: Sampled>(source: Arc<T>, mut sampler: Sampler) {
     }
 }
 
-/// What a sampling task has published.
+/// A sampling task's state: what its layer has published so far.
 struct Sampler {
     config: Arc<Metrics>,
-    published: Vec<Reading>,
+    published: Arc<Mutex<Vec<Reading>>>,
     sampling: Arc<AtomicBool>,
+    // Whether the task made its timer (a runtime without timers panics).
+    started: bool,
 }
 
 impl Sampler {
     fn read<T: Sampled>(&mut self, source: &T) {
-        let mut now = Vec::with_capacity(self.published.len());
+        let mut now = Vec::new();
         source.read(&mut now);
-        publish(&changes(&self.published, &now), &self.config.labels);
-        self.published = now;
+        let mut published = lock(&self.published);
+        publish(&changes(&published, &now), &self.config.labels);
+        *published = now;
     }
 }
 
 /// However the task ends (its layer gone, or its runtime shut down), its
-/// gauges' share goes back out, and the layer's next request may start
-/// another; unless it panicked (a runtime without timers), which the next
-/// would too.
+/// layer's gauges go back to zero, counts kept, and the layer's next
+/// request may start another task; unless this one could not make its
+/// timer, which the next could not either.
 impl Drop for Sampler {
     fn drop(&mut self) {
-        let retract: Vec<_> = self
-            .published
-            .iter()
-            .filter_map(|reading| match *reading {
-                Reading::Level(name, value) => Some(Change::Level(name, -(value as f64))),
-                Reading::Count(..) => None,
-            })
-            .collect();
+        let mut published = lock(&self.published);
+        let mut retract = Vec::new();
+        for reading in published.iter_mut() {
+            if let Reading::Level(name, value) = *reading {
+                retract.push(Change::Level(name, -(value as f64)));
+                *reading = Reading::Level(name, 0);
+            }
+        }
         publish(&retract, &self.config.labels);
-        if !std::thread::panicking() {
+        drop(published);
+        if self.started {
             self.sampling.store(false, Ordering::Relaxed);
         }
     }
+}
+
+/// The published readings; nothing that can panic runs under this lock,
+/// but recover regardless.
+fn lock(published: &Mutex<Vec<Reading>>) -> MutexGuard<'_, Vec<Reading>> {
+    published.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn publish(changes: &[Change], labels: &[Label]) {
@@ -430,8 +464,14 @@ fn publish(changes: &[Change], labels: &[Label]) {
     }
 }
 
-/// Tells the recorder what each name means (Prometheus' `# HELP`).
+/// Tells the recorder what each name means (Prometheus' `# HELP`), once
+/// a process (a recorder installed later misses it: install it first).
 fn describe() {
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(describe_all);
+}
+
+fn describe_all() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(
         name::RATE_LIMIT_KEYS,
@@ -531,10 +571,13 @@ mod tests {
             changes(&before, &now),
             [
                 Change::Level("in_flight", -3.0),
-                Change::Count("admitted", 7)
+                Change::Count("admitted", 7),
+                // Unchanged, published all the same (an exporter's idle
+                // timeout would drop it otherwise).
+                Change::Level("queued", 0.0)
             ]
         );
-        // The first reading publishes everything that is not zero.
+        // The first reading publishes everything.
         assert_eq!(
             changes(&[], &now),
             [
@@ -555,13 +598,14 @@ mod tests {
     fn connection_labels_only_when_asked_for() {
         let key = ConnectionKey::of_uri(&"https://CRM.example/leads".parse().unwrap());
         let quiet = Publisher::new(Metrics::new().label("client", "crm"));
-        assert_eq!(quiet.labels(Some(&key)), [Label::new("client", "crm")]);
+        assert_eq!(quiet.connection(&key), None);
+        assert_eq!(quiet.labels(None), [Label::new("client", "crm")]);
         let per = Publisher::new(Metrics::new().per_connection(true));
         assert_eq!(
-            per.labels(Some(&key)),
-            [Label::new("connection", "https://crm.example")]
+            per.connection(&key),
+            Some(Label::new("connection", "https://crm.example"))
         );
         // A key of the user's own: its Debug.
-        assert_eq!(per.labels(Some(&7u32)), [Label::new("connection", "7")]);
+        assert_eq!(per.connection(&7u32), Some(Label::new("connection", "7")));
     }
 }

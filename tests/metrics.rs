@@ -226,14 +226,16 @@ async fn a_dropped_gate_takes_its_gauges_back() {
 }
 
 /// A client kept across runtimes (a static, say): the runtime that ran its
-/// sampling task shuts down, the next request starts another on the next.
+/// sampling tasks shuts down, the next request starts others on the next.
 #[test]
-fn a_layer_outliving_its_runtime_samples_again_on_the_next_without_counting_twice() {
+fn a_stack_outliving_its_runtime_samples_again_on_the_next_without_counting_twice() {
     recorder();
     let labels = r#"test="runtimes""#;
-    let gate = ConcurrencyGateLayer::new(3)
+    let client = Tollgate::builder()
+        .parallelism(3)
         .metrics(Metrics::new().label("test", "runtimes"))
-        .layer(Script::new().service());
+        .build(Script::new().service())
+        .unwrap();
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -241,21 +243,66 @@ fn a_layer_outliving_its_runtime_samples_again_on_the_next_without_counting_twic
             .build()
             .unwrap()
     };
+    let send = |leads: std::ops::Range<u32>| {
+        let client = client.clone();
+        async move {
+            for lead in leads {
+                client
+                    .clone()
+                    .oneshot(post("a.example", lead))
+                    .await
+                    .unwrap();
+            }
+            sampled().await;
+        }
+    };
     let first = runtime();
-    first.block_on(async {
-        gate.clone().oneshot(post("a.example", 1)).await.unwrap();
-        sampled().await;
-    });
+    first.block_on(send(0..2));
     assert_eq!(read("tollgate_gate_parallelism", labels), 3.0);
-    // Its task is dropped with it: its share of the gauges goes back out.
+    assert_eq!(read("tollgate_rate_limit_admitted_total", labels), 2.0);
+    // Its tasks are dropped with it: their share of the gauges goes back
+    // out; the counts stay.
     drop(first);
     assert_eq!(read("tollgate_gate_parallelism", labels), 0.0);
+    assert_eq!(read("tollgate_rate_limit_keys", labels), 0.0);
+    assert_eq!(read("tollgate_rate_limit_admitted_total", labels), 2.0);
     let second = runtime();
-    second.block_on(async {
-        gate.clone().oneshot(post("a.example", 2)).await.unwrap();
-        sampled().await;
-    });
+    second.block_on(send(2..3));
     assert_eq!(read("tollgate_gate_parallelism", labels), 3.0);
+    assert_eq!(read("tollgate_rate_limit_keys", labels), 1.0);
+    assert_eq!(read("tollgate_rate_limit_admitted_total", labels), 3.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_and_time_outs_are_counted_and_only_waits_that_end_in_a_slot_recorded() {
+    watchdog(secs(600), async {
+        recorder();
+        let labels = r#"test="refused""#;
+        let gate = ConcurrencyGateLayer::new(1)
+            .queue_limit(1)
+            .queue_timeout(secs(1))
+            .metrics(Metrics::new().label("test", "refused"))
+            .layer(
+                Script::new()
+                    .reply(Reply::status(200).after(secs(10)))
+                    .service(),
+            );
+        // One in flight for 10 s, one queued (it gives up after 1 s), one
+        // refused.
+        let calls: Vec<_> = (0..3)
+            .map(|lead| tokio::spawn(gate.clone().oneshot(post("a.example", lead))))
+            .collect();
+        let mut ended = Vec::new();
+        for call in calls {
+            ended.push(call.await.unwrap().is_ok());
+        }
+        assert_eq!(ended, [true, false, false]);
+        sampled().await;
+        assert_eq!(read("tollgate_gate_refused_total", labels), 1.0);
+        assert_eq!(read("tollgate_gate_timed_out_total", labels), 1.0);
+        assert_eq!(read("tollgate_gate_queue_wait_seconds_count", labels), 0.0);
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -309,6 +356,20 @@ async fn retries_given_up_are_counted_by_why() {
             ),
             1.0
         );
+        // A server asking for longer than the layer waits: returned.
+        let server = Script::new().reply(Reply::status(429).retry_after(secs(600)));
+        let client = RetryLayer::new(Backoff::fixed(secs(1)))
+            .max_retry_after(secs(60))
+            .metrics(Metrics::new().label("test", "gave-up"))
+            .layer(server.service());
+        let response = client.oneshot(get("a.example")).await.unwrap();
+        assert_eq!(response.status(), 429);
+        let too_long = format!(r#"{labels},reason="retry_after_too_long""#);
+        assert_eq!(read("tollgate_retry_gave_up_total", &too_long), 1.0);
+        // The help text went out with the first event.
+        assert!(recorder()
+            .render()
+            .contains("# HELP tollgate_retry_gave_up_total"));
     })
     .await;
 }

@@ -36,7 +36,7 @@ pub struct ConcurrencyGateLayer<L = OneLine> {
     by_line: bool,
     adaptive: Option<RangeInclusive<usize>>,
     #[cfg(feature = "metrics")]
-    metrics: Option<crate::metrics::Metrics>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl ConcurrencyGateLayer {
@@ -58,7 +58,7 @@ impl ConcurrencyGateLayer {
             by_line: false,
             adaptive: None,
             #[cfg(feature = "metrics")]
-            metrics: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }
@@ -131,7 +131,7 @@ impl<L> ConcurrencyGateLayer<L> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         self
     }
 
@@ -193,7 +193,7 @@ impl<L: Clone> ConcurrencyGateLayer<L> {
             },
         };
         #[cfg(feature = "metrics")]
-        let gate = gate.publishing(self.metrics.clone().unwrap_or_default());
+        let gate = gate.publishing(self.metrics.clone());
         Arc::new(gate)
     }
 

@@ -160,22 +160,6 @@ impl<S, L> ConcurrencyGate<S, L> {
     }
 }
 
-#[cfg(feature = "metrics")]
-impl crate::metrics::Sampled for Gate {
-    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
-        use crate::metrics::{name, Reading};
-        into.extend([
-            Reading::Level(name::GATE_IN_FLIGHT, self.in_flight() as u64),
-            Reading::Level(name::GATE_QUEUED, self.queued() as u64),
-            Reading::Level(name::GATE_LENT, self.lent() as u64),
-            Reading::Level(name::GATE_PARALLELISM, self.parallelism() as u64),
-            Reading::Level(name::GATE_QUEUE_LIMIT, self.queue_limit() as u64),
-            Reading::Count(name::GATE_REFUSED, self.refused.load(Ordering::Relaxed)),
-            Reading::Count(name::GATE_TIMED_OUT, self.timed_out.load(Ordering::Relaxed)),
-        ]);
-    }
-}
-
 /// Live figures of one [`ConcurrencyGate`] (and all its clones), and its
 /// parallelism, adjustable at run time.
 #[derive(Clone, Debug)]

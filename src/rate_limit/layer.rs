@@ -33,7 +33,7 @@ pub struct RateLimitLayer<F = ByConnection> {
     #[cfg(feature = "redis")]
     store: Option<crate::redis::RedisStore>,
     #[cfg(feature = "metrics")]
-    metrics: Option<crate::metrics::Metrics>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl RateLimitLayer {
@@ -67,7 +67,7 @@ impl RateLimitLayer {
             #[cfg(feature = "redis")]
             store: None,
             #[cfg(feature = "metrics")]
-            metrics: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }
@@ -167,7 +167,7 @@ impl<F> RateLimitLayer<F> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         self
     }
 
@@ -244,8 +244,7 @@ impl<F: KeyOf + Clone> RateLimitLayer<F> {
         shared.sampler = sampler;
         #[cfg(feature = "metrics")]
         {
-            shared.publisher =
-                crate::metrics::Publisher::new(self.metrics.clone().unwrap_or_default());
+            shared.publisher = crate::metrics::Publisher::new(self.metrics.clone());
         }
         RateLimit {
             inner,

@@ -30,7 +30,7 @@ pub struct RetryLayer<C = DefaultClassify> {
     pub(super) budget: Option<RetryBudget>,
     pub(super) classify: C,
     #[cfg(feature = "metrics")]
-    pub(super) metrics: Option<crate::metrics::Metrics>,
+    pub(super) metrics: crate::metrics::Metrics,
 }
 
 impl RetryLayer {
@@ -54,7 +54,7 @@ impl RetryLayer {
             budget: None,
             classify: DefaultClassify::new(),
             #[cfg(feature = "metrics")]
-            metrics: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 
@@ -149,7 +149,7 @@ impl<C> RetryLayer<C> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         self
     }
 
@@ -186,7 +186,7 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
                 unseeded_key: random_u64(),
                 budget: self.budget.as_ref().map(Ledger::new),
                 #[cfg(feature = "metrics")]
-                publisher: crate::metrics::Publisher::new(self.metrics.clone().unwrap_or_default()),
+                publisher: crate::metrics::Publisher::new(self.metrics.clone()),
             }),
         }
     }
