@@ -372,6 +372,29 @@ async fn jitter_is_independent_per_request_and_reproducible() {
     assert_eq!(again.waits(), waits);
 }
 
+#[tokio::test(start_paused = true)]
+async fn unseeded_requests_that_retry_draw_streams_of_their_own() {
+    // Without a seed the stream number is taken at the first retry: a
+    // request that succeeds between two that retry takes none, and the two
+    // still differ.
+    let backoff = Backoff::exponential(secs(10))
+        .jitter(Jitter::Full)
+        .max_retries(1);
+    let server = Script::new().reply(503).reply(200).reply(200).reply(503).reply(200);
+    let mut client = RetryLayer::new(backoff).layer(server.service());
+    for _ in 0..3 {
+        ServiceExt::<Request<()>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(get())
+            .await
+            .unwrap();
+    }
+    let waits = server.waits();
+    assert_eq!(waits.len(), 4, "{waits:?}");
+    assert_ne!(waits[0], waits[3], "each retrying request draws its own jitter");
+}
+
 /// Counts `poll_ready` calls on the way to the scripted server.
 #[derive(Clone)]
 struct CountReady<S> {

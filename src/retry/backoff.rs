@@ -93,6 +93,8 @@ enum Kind {
 /// [`seed`](Backoff::seed) set, the `k`-th request (counted from 0 across all
 /// clones of one service) gets stream `k`; stream 0 is what
 /// [`delays`](Backoff::delays) yields, so a test can predict every wait.
+/// Without a seed, each request that retries draws a stream of its own
+/// when its first retry is due.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Backoff {
     kind: Kind,
@@ -272,6 +274,11 @@ impl Backoff {
             ));
         }
         Ok(())
+    }
+
+    /// Whether jitter streams are reproducible (a seed is set).
+    pub(crate) fn is_seeded(&self) -> bool {
+        self.seed.is_some()
     }
 
     /// The schedule for jitter stream `stream`: one per request in the retry

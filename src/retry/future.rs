@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -66,7 +67,7 @@ where
         service: S,
         replay: Option<Request<B>>,
         method: Method,
-        number: u64,
+        number: Option<u64>,
         shared: Arc<Shared<C>>,
     ) -> Self {
         ResponseFuture {
@@ -87,12 +88,14 @@ where
 }
 
 /// A request's retry delays: drawn when its first retry is due, so that
-/// the many requests that never retry carry a number, not a schedule.
+/// the many requests that never retry carry a number (or, without a seed,
+/// not even that: see `Retry::call`), not a schedule.
 #[derive(Debug)]
 enum Schedule {
-    /// The request's number: its jitter stream.
+    /// The request's number, its jitter stream; drawn with the schedule
+    /// when the backoff has no seed.
     Undrawn {
-        number: u64,
+        number: Option<u64>,
     },
     // Boxed: few requests retry, and the future is moved by value.
     Drawn(Box<Delays>),
@@ -102,6 +105,7 @@ impl Schedule {
     /// The delays, drawn now if they were not.
     fn delays<C>(&mut self, shared: &Shared<C>) -> &mut Delays {
         if let Schedule::Undrawn { number } = *self {
+            let number = number.unwrap_or_else(|| shared.requests.fetch_add(1, Ordering::Relaxed));
             let delays = shared
                 .config
                 .backoff

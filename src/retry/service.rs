@@ -86,7 +86,14 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let config = &self.shared.config;
-        let number = self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        // A seeded backoff promises request k stream k, so the count is
+        // taken in order of `call`; without a seed any distinct number will
+        // do, and it is taken only when a first retry is due (most requests
+        // never touch the shared counter).
+        let number = config
+            .backoff
+            .is_seeded()
+            .then(|| self.shared.requests.fetch_add(1, Ordering::Relaxed));
         if let Some(budget) = &self.shared.budget {
             budget.deposit();
         }
