@@ -380,7 +380,12 @@ async fn unseeded_requests_that_retry_draw_streams_of_their_own() {
     let backoff = Backoff::exponential(secs(10))
         .jitter(Jitter::Full)
         .max_retries(1);
-    let server = Script::new().reply(503).reply(200).reply(200).reply(503).reply(200);
+    let server = Script::new()
+        .reply(503)
+        .reply(200)
+        .reply(200)
+        .reply(503)
+        .reply(200);
     let mut client = RetryLayer::new(backoff).layer(server.service());
     for _ in 0..3 {
         ServiceExt::<Request<()>>::ready(&mut client)
@@ -392,7 +397,10 @@ async fn unseeded_requests_that_retry_draw_streams_of_their_own() {
     }
     let waits = server.waits();
     assert_eq!(waits.len(), 4, "{waits:?}");
-    assert_ne!(waits[0], waits[3], "each retrying request draws its own jitter");
+    assert_ne!(
+        waits[0], waits[3],
+        "each retrying request draws its own jitter"
+    );
 }
 
 /// Counts `poll_ready` calls on the way to the scripted server.
