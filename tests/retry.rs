@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use http::{Method, Request, StatusCode};
 use tokio::time::Instant;
 use tollgate::retry::{Outcome, ReplayBody};
-use tollgate::testing::{Reply, Script, ScriptError};
-use tollgate::{Backoff, Jitter, RetryLayer};
+use tollgate::testing::{Reply, Script, ScriptError, ScriptService};
+use tollgate::{Backoff, Jitter, Retry, RetryLayer};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 fn get() -> Request<()> {
@@ -331,6 +331,18 @@ async fn custom_classifier_replaces_the_default() {
     assert_eq!(server.count(), 2);
 }
 
+/// Sends `n` GETs through `client`, each after the one before has ended.
+async fn send_one_by_one(client: &mut Retry<ScriptService>, n: usize) {
+    for _ in 0..n {
+        ServiceExt::<Request<()>>::ready(&mut *client)
+            .await
+            .unwrap()
+            .call(get())
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn jitter_is_independent_per_request_and_reproducible() {
     let backoff = Backoff::exponential(secs(10))
@@ -339,14 +351,7 @@ async fn jitter_is_independent_per_request_and_reproducible() {
         .seed(42);
     let server = Script::new().reply(503);
     let mut client = RetryLayer::new(backoff.clone()).layer(server.service());
-    for _ in 0..2 {
-        ServiceExt::<Request<()>>::ready(&mut client)
-            .await
-            .unwrap()
-            .call(get())
-            .await
-            .unwrap();
-    }
+    send_one_by_one(&mut client, 2).await;
     let waits = server.waits();
     // Attempts: request 1 at [0, a, a+b], request 2 at [.., c, c+d].
     let (first, second) = (&waits[0..2], &waits[3..5]);
@@ -361,14 +366,7 @@ async fn jitter_is_independent_per_request_and_reproducible() {
     // The same seed through a fresh service reproduces both.
     let again = Script::new().reply(503);
     let mut client = RetryLayer::new(backoff).layer(again.service());
-    for _ in 0..2 {
-        ServiceExt::<Request<()>>::ready(&mut client)
-            .await
-            .unwrap()
-            .call(get())
-            .await
-            .unwrap();
-    }
+    send_one_by_one(&mut client, 2).await;
     assert_eq!(again.waits(), waits);
 }
 
@@ -387,14 +385,7 @@ async fn unseeded_requests_that_retry_draw_streams_of_their_own() {
         .reply(503)
         .reply(200);
     let mut client = RetryLayer::new(backoff).layer(server.service());
-    for _ in 0..3 {
-        ServiceExt::<Request<()>>::ready(&mut client)
-            .await
-            .unwrap()
-            .call(get())
-            .await
-            .unwrap();
-    }
+    send_one_by_one(&mut client, 3).await;
     let waits = server.waits();
     assert_eq!(waits.len(), 4, "{waits:?}");
     assert_ne!(
