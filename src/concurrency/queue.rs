@@ -558,28 +558,7 @@ impl Gate {
     pub(crate) fn queue_limit(&self) -> usize {
         self.queue_limit
     }
-}
 
-/// The handle's figures, from one look under the lock (so that they agree).
-#[cfg(feature = "metrics")]
-impl crate::metrics::Sampled for Gate {
-    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
-        use crate::metrics::{name, Reading};
-        let state = self.peek();
-        let in_flight = state.in_flight - Lane::free(&self.lane);
-        into.extend([
-            Reading::Level(name::GATE_IN_FLIGHT, in_flight as u64),
-            Reading::Level(name::GATE_QUEUED, state.lines.len() as u64),
-            Reading::Level(name::GATE_LENT, state.lent as u64),
-            Reading::Level(name::GATE_PARALLELISM, state.parallelism as u64),
-            Reading::Level(name::GATE_QUEUE_LIMIT, self.queue_limit as u64),
-            Reading::Count(name::GATE_REFUSED, self.refused.load(Ordering::Relaxed)),
-            Reading::Count(name::GATE_TIMED_OUT, self.timed_out.load(Ordering::Relaxed)),
-        ]);
-    }
-}
-
-impl Gate {
     /// Changes parallelism; raising it admits waiting tickets at once,
     /// lowering it lets running requests finish (slots then return to the
     /// pool until in_flight is under the new limit). `parallelism >= 1`.
@@ -599,6 +578,25 @@ impl Gate {
         for waiter in woken {
             waiter.grant();
         }
+    }
+}
+
+/// The handle's figures, from one look under the lock (so that they agree).
+#[cfg(feature = "metrics")]
+impl crate::metrics::Sampled for Gate {
+    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
+        use crate::metrics::{name, Reading};
+        let state = self.peek();
+        let in_flight = state.in_flight - Lane::free(&self.lane);
+        into.extend([
+            Reading::Level(name::GATE_IN_FLIGHT, in_flight as u64),
+            Reading::Level(name::GATE_QUEUED, state.lines.len() as u64),
+            Reading::Level(name::GATE_LENT, state.lent as u64),
+            Reading::Level(name::GATE_PARALLELISM, state.parallelism as u64),
+            Reading::Level(name::GATE_QUEUE_LIMIT, self.queue_limit as u64),
+            Reading::Count(name::GATE_REFUSED, self.refused.load(Ordering::Relaxed)),
+            Reading::Count(name::GATE_TIMED_OUT, self.timed_out.load(Ordering::Relaxed)),
+        ]);
     }
 }
 

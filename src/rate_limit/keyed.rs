@@ -125,6 +125,36 @@ pub(crate) struct Figures {
     pub(crate) fallbacks: AtomicU64,
 }
 
+/// What the handle shows, for the metrics' sampling task.
+#[cfg(feature = "metrics")]
+impl crate::metrics::Sampled for Figures {
+    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
+        use crate::metrics::{name, Reading};
+        into.extend([
+            Reading::Level(
+                name::RATE_LIMIT_KEYS,
+                self.keys.load(Ordering::Relaxed) as u64,
+            ),
+            Reading::Level(
+                name::RATE_LIMIT_WAITING,
+                self.waiting.load(Ordering::Relaxed) as u64,
+            ),
+            Reading::Count(
+                name::RATE_LIMIT_ADMITTED,
+                self.admitted.load(Ordering::Relaxed),
+            ),
+            Reading::Count(
+                name::RATE_LIMIT_FALLBACKS,
+                self.fallbacks.load(Ordering::Relaxed),
+            ),
+            Reading::Count(
+                name::RATE_LIMIT_EVICTED_ACTIVE,
+                self.evicted_active.load(Ordering::Relaxed),
+            ),
+        ]);
+    }
+}
+
 impl<K: Hash + Eq + Clone> Buckets<K> {
     /// Buckets of `quota`, at most `max_keys` of them.
     ///

@@ -516,35 +516,6 @@ where
     }
 }
 
-#[cfg(feature = "metrics")]
-impl crate::metrics::Sampled for super::keyed::Figures {
-    fn read(&self, into: &mut Vec<crate::metrics::Reading>) {
-        use crate::metrics::{name, Reading};
-        into.extend([
-            Reading::Level(
-                name::RATE_LIMIT_KEYS,
-                self.keys.load(Ordering::Relaxed) as u64,
-            ),
-            Reading::Level(
-                name::RATE_LIMIT_WAITING,
-                self.waiting.load(Ordering::Relaxed) as u64,
-            ),
-            Reading::Count(
-                name::RATE_LIMIT_ADMITTED,
-                self.admitted.load(Ordering::Relaxed),
-            ),
-            Reading::Count(
-                name::RATE_LIMIT_FALLBACKS,
-                self.fallbacks.load(Ordering::Relaxed),
-            ),
-            Reading::Count(
-                name::RATE_LIMIT_EVICTED_ACTIVE,
-                self.evicted_active.load(Ordering::Relaxed),
-            ),
-        ]);
-    }
-}
-
 /// Live figures of one [`RateLimit`] (and all its clones).
 #[derive(Clone, Debug)]
 pub struct RateLimitHandle {
